@@ -1,0 +1,1 @@
+//! outboard-api-server (stub)

@@ -1,0 +1,1 @@
+//! outboard-api-types (stub)

@@ -1,0 +1,1 @@
+//! outboard-boot (stub)

@@ -1,0 +1,1 @@
+//! outboard-devices (stub)

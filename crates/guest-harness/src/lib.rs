@@ -1,0 +1,1 @@
+//! outboard-guest-harness (stub)

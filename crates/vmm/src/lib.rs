@@ -1,0 +1,1 @@
+//! outboard-vmm core (stub)
