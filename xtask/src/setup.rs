@@ -20,13 +20,20 @@ pub fn run() -> Result<()> {
         .collect();
     if !missing.is_empty() {
         // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc_geteuid() } == 0;
+        let root = unsafe { libc::geteuid() } == 0;
         if !root {
-            bail!("Missing Debian packages {missing:?}: run `sudo apt-get install -y {}`", missing.join(" "));
+            bail!(
+                "Missing Debian packages {missing:?}: run `sudo apt-get install -y {}`",
+                missing.join(" ")
+            );
         }
         println!("xtask setup: installing {}", missing.join(" "));
         run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
-        run_cmd(Command::new("apt-get").args(["install", "-y", "-q"]).args(&missing))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(&missing),
+        )?;
     }
     let targets = Command::new("rustup")
         .args(["target", "list", "--installed"])
@@ -39,13 +46,10 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
-}
-
 fn run_cmd(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("Cannot run {cmd:?}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("Cannot run {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
