@@ -126,7 +126,7 @@ fn qemu_command(machine: &str, guest: &Path) -> Command {
         "microvm" => "microvm,acpi=on,pit=on,pic=on,rtc=on,memory-backend=mem",
         _ => "q35,memory-backend=mem",
     };
-    c.args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m"])
+    c.args(["-accel", "kvm", "-cpu", "qemu64", "-smp", "1", "-m"])
         .arg(format!("{GUEST_MIB}M"))
         .arg("-object")
         .arg(format!(

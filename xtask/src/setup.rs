@@ -10,7 +10,16 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/qemu-storage-daemon", "qemu-system-common"),
     ("/usr/bin/dpkg-deb", "dpkg"),
     ("/usr/bin/fio", "fio"),
+    // depmod indexes the guest kernel's modules (cargo xtask guest).
+    ("/usr/sbin/depmod", "kmod"),
+    // openssl-sys (card XTS, attestation keys) links Debian's libssl.
+    ("/usr/include/openssl/evp.h", "libssl-dev"),
+    ("/usr/bin/pkg-config", "pkg-config"),
+    ("/usr/bin/objdump", "binutils"),
 ];
+
+/// Python packages of the outside attestation verifier, as (import name, pip name).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("cbor2", "cbor2"), ("pycose", "pycose")];
 
 pub fn run() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
@@ -33,6 +42,25 @@ pub fn run() -> Result<()> {
             Command::new("apt-get")
                 .args(["install", "-y", "-q"])
                 .args(&missing),
+        )?;
+    }
+    let missing_py: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing_py.is_empty() {
+        println!("xtask setup: pip installing {}", missing_py.join(" "));
+        run_cmd(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "--quiet"])
+                .args(&missing_py),
         )?;
     }
     let targets = Command::new("rustup")
