@@ -63,12 +63,24 @@ fn run_main_job() -> Result<()> {
             .arg(guest_dir.join("vmlinuz"))
             .arg("--initrd")
             .arg(guest_dir.join("initramfs.img"))
-            .args(["--cmdline", "console=ttyS0 outboard.poweroff", "--cpus", "2", "--memory", "512M"]);
+            .args([
+                "--cmdline",
+                "console=ttyS0 outboard.poweroff",
+                "--cpus",
+                "2",
+                "--memory",
+                "512M",
+            ]);
     } else {
         println!("xtask run: no vmx/svm on this host (/dev/kvm is PVM or absent), so a stock Linux kernel cannot run here: booting the test guest under outboard-vmm");
-        cmd.arg("--kernel")
-            .arg(guest_dir.join("testguest"))
-            .args(["--cmdline", "outboard.run=poweroff", "--cpus", "2", "--memory", "128M"]);
+        cmd.arg("--kernel").arg(guest_dir.join("testguest")).args([
+            "--cmdline",
+            "outboard.run=poweroff",
+            "--cpus",
+            "2",
+            "--memory",
+            "128M",
+        ]);
     }
     let status = cmd.status()?;
     if !status.success() {
@@ -83,7 +95,14 @@ fn test(args: &[&str]) -> Result<()> {
     setup::run()?;
     guest(&[])?;
     util::cargo(&["fmt", "--all", "--check"])?;
-    util::cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    util::cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     let mut test_args = vec!["test", "--workspace"];
     if args.contains(&"--slow") {
         test_args.extend(["--", "--include-ignored"]);
