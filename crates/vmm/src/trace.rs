@@ -1,0 +1,23 @@
+//! Boot-time tracing for the boot benchmark: with `OUTBOARD_VMM_TRACE_BOOT=1`, vCPU 0 prints
+//! `outboard-vmm: first KVM_RUN after <µs> us` (measured from [`mark_process_start`]) to stderr.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Records the process start; call first thing in `main`.
+pub fn mark_process_start() {
+    START.get_or_init(Instant::now);
+}
+
+/// Called by vCPU 0 just before its first `KVM_RUN`.
+pub fn first_kvm_run() {
+    if std::env::var_os("OUTBOARD_VMM_TRACE_BOOT").is_some_and(|v| v == "1") {
+        let start = START.get_or_init(Instant::now);
+        eprintln!(
+            "outboard-vmm: first KVM_RUN after {} us",
+            start.elapsed().as_micros()
+        );
+    }
+}

@@ -1,0 +1,398 @@
+//! The control thread: owns the VM's lifecycle state, answers API requests and reacts to guest
+//! and host events (power-off, reset, vCPU faults, SIGINT/SIGTERM) until the VM ends.
+
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outboard_api_server::{ApiError, ApiHandler, ApiRequest, ApiResponse};
+use outboard_api_types::{
+    ActionType, BootSource, InstanceInfo, RequestedVmState, VmState, VmmVersion,
+};
+use outboard_hypervisor::Hypervisor;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{ApiBridge, ApiMessage, Reply};
+use crate::config::{validate_machine, RebootPolicy, VmmConfig};
+use crate::console::{self, RawTerminal};
+use crate::vcpu::VcpuFault;
+use crate::vm::{self, Vm, VmEvents};
+
+/// The VMM's version string.
+pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Time given to the API thread to send the response to `InstanceStop` before the process exits.
+const STOP_RESPONSE_GRACE: Duration = Duration::from_millis(100);
+
+/// How the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    PoweredOff,
+    Reset,
+    /// `InstanceStop` through the API.
+    Stopped,
+    /// SIGINT or SIGTERM.
+    Signalled,
+    /// A vCPU hit a triple fault, a KVM internal error or an exit we don't handle.
+    Fault {
+        vcpu: u8,
+        fault: VcpuFault,
+    },
+    /// The VMM itself failed.
+    Failed(String),
+}
+
+impl Outcome {
+    /// Process exit status: 0 for an orderly end, 2 for a guest fault, 1 for a VMM failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::PoweredOff | Outcome::Reset | Outcome::Stopped | Outcome::Signalled => 0,
+            Outcome::Fault { .. } => 2,
+            Outcome::Failed(_) => 1,
+        }
+    }
+
+    /// The line printed on stderr at exit.
+    pub fn message(&self) -> String {
+        match self {
+            Outcome::PoweredOff => "outboard-vmm: guest powered off".into(),
+            Outcome::Reset => "outboard-vmm: guest reset".into(),
+            Outcome::Stopped => "outboard-vmm: stopped by InstanceStop".into(),
+            Outcome::Signalled => "outboard-vmm: stopped by signal".into(),
+            Outcome::Fault { vcpu, fault } => format!("Error: vCPU {vcpu}: {fault}"),
+            Outcome::Failed(message) => format!("Error: {message}"),
+        }
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Errors of creating the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot create control eventfds")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    #[error("Cannot install SIGINT/SIGTERM handlers")]
+    Signals(#[source] outboard_hypervisor::kick::Error),
+    #[error("Cannot set up the control loop")]
+    Epoll(#[source] std::io::Error),
+}
+
+const TOKEN_SIGNAL: u64 = 0;
+const TOKEN_POWEROFF: u64 = 1;
+const TOKEN_RESET: u64 = 2;
+const TOKEN_FAULT: u64 = 3;
+const TOKEN_API: u64 = 4;
+
+/// The per-VM monitor.
+pub struct Vmm {
+    hv: Hypervisor,
+    config: VmmConfig,
+    id: String,
+    state: VmState,
+    vm: Option<Vm>,
+    events: VmEvents,
+    termination: EventFd,
+    api: Option<(Receiver<ApiMessage>, EventFd)>,
+    terminal: Option<RawTerminal>,
+    exit: Option<Outcome>,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vmm {
+    pub fn new(hv: Hypervisor, config: VmmConfig, id: String) -> Result<Self, Error> {
+        Ok(Vmm {
+            hv,
+            config,
+            id,
+            state: VmState::NotStarted,
+            vm: None,
+            events: VmEvents::new()?,
+            termination: outboard_hypervisor::kick::termination_eventfd()
+                .map_err(Error::Signals)?,
+            api: None,
+            terminal: None,
+            exit: None,
+        })
+    }
+
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The handler to give to the API server; requests are carried out by [`Vmm::run`].
+    pub fn api_handler(&mut self) -> Result<Arc<dyn ApiHandler>, Error> {
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)?;
+        let (bridge, rx) = ApiBridge::new(wake.try_clone().map_err(Error::EventFd)?);
+        self.api = Some((rx, wake));
+        Ok(Arc::new(bridge))
+    }
+
+    /// Builds the VM from the current configuration and starts its vCPUs.
+    pub fn start(&mut self) -> Result<(), vm::Error> {
+        if self.state != VmState::NotStarted {
+            return Err(vm::Error::AlreadyStarted);
+        }
+        let mut vm = Vm::build(&self.hv, &self.config, &self.events)?;
+        if self.config.serial.output.is_none() {
+            self.terminal = Some(RawTerminal::enable());
+            console::forward_stdin(vm.serial())?;
+        }
+        vm.start()?;
+        self.vm = Some(vm);
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Runs the control loop until the VM ends; returns how it ended.
+    pub fn run(mut self) -> Outcome {
+        let outcome = match self.control_loop() {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::Failed(error_chain(&e)),
+        };
+        self.state = VmState::Stopped;
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop();
+        }
+        self.terminal.take();
+        if outcome == Outcome::Stopped {
+            std::thread::sleep(STOP_RESPONSE_GRACE);
+        }
+        outcome
+    }
+
+    fn control_loop(&mut self) -> Result<Outcome, Error> {
+        let epoll = Epoll::new().map_err(Error::Epoll)?;
+        let watch = |fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(Error::Epoll)
+        };
+        watch(self.termination.as_raw_fd(), TOKEN_SIGNAL)?;
+        watch(self.events.poweroff.as_raw_fd(), TOKEN_POWEROFF)?;
+        watch(self.events.reset.as_raw_fd(), TOKEN_RESET)?;
+        watch(self.events.fault.as_raw_fd(), TOKEN_FAULT)?;
+        if let Some((_, wake)) = &self.api {
+            watch(wake.as_raw_fd(), TOKEN_API)?;
+        }
+        let mut ready = vec![EpollEvent::default(); 8];
+        loop {
+            if let Some(outcome) = self.exit.take() {
+                return Ok(outcome);
+            }
+            let n = match epoll.wait(-1, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::Epoll(e)),
+            };
+            for event in &ready[..n] {
+                self.dispatch(event.data());
+            }
+        }
+    }
+
+    fn dispatch(&mut self, token: u64) {
+        match token {
+            TOKEN_SIGNAL => {
+                let _ = self.termination.read();
+                self.exit.get_or_insert(Outcome::Signalled);
+            }
+            TOKEN_POWEROFF => {
+                let _ = self.events.poweroff.read();
+                self.exit.get_or_insert(Outcome::PoweredOff);
+            }
+            TOKEN_RESET => {
+                let _ = self.events.reset.read();
+                self.on_reset();
+            }
+            TOKEN_FAULT => {
+                let _ = self.events.fault.read();
+                if let Some((vcpu, fault)) = self.vm.as_ref().and_then(Vm::fault) {
+                    self.exit.get_or_insert(Outcome::Fault { vcpu, fault });
+                }
+            }
+            TOKEN_API => self.serve_api(),
+            _ => {}
+        }
+    }
+
+    fn on_reset(&mut self) {
+        match (&self.vm, self.config.reboot) {
+            (Some(vm), RebootPolicy::Restart) if self.exit.is_none() => {
+                eprintln!("outboard-vmm: guest reset; restarting the VM");
+                if let Err(e) = vm.restart() {
+                    self.exit = Some(Outcome::Failed(error_chain(&e)));
+                } else {
+                    self.state = VmState::Running;
+                }
+            }
+            _ => {
+                self.exit.get_or_insert(Outcome::Reset);
+            }
+        }
+    }
+
+    fn serve_api(&mut self) {
+        let Some((rx, wake)) = &self.api else {
+            return;
+        };
+        let _ = wake.read();
+        let messages: Vec<ApiMessage> = rx.try_iter().collect();
+        for message in messages {
+            let reply = self.handle_api(message.request);
+            let _ = message.reply.send(reply);
+        }
+    }
+
+    fn require_not_started(&self, what: &str) -> Result<(), ApiError> {
+        if self.state == VmState::NotStarted {
+            Ok(())
+        } else {
+            Err(ApiError::conflict(format!(
+                "Cannot change the {what} after the VM has started"
+            )))
+        }
+    }
+
+    fn handle_api(&mut self, request: ApiRequest) -> Reply {
+        match request {
+            ApiRequest::GetInstanceInfo => json(&InstanceInfo {
+                id: self.id.clone(),
+                state: self.state,
+                vmm_version: VMM_VERSION.into(),
+                app_name: "outboard-vmm".into(),
+                host_kvm: self.hv.kind().as_str().into(),
+            }),
+            ApiRequest::GetVersion => json(&VmmVersion {
+                vmm_version: VMM_VERSION.into(),
+            }),
+            ApiRequest::GetVmConfig => json(&self.config.to_api()),
+            ApiRequest::GetMetrics => Ok(ApiResponse::Json(
+                self.vm
+                    .as_ref()
+                    .map(Vm::metrics)
+                    .unwrap_or_else(|| serde_json::json!({})),
+            )),
+            ApiRequest::PutMachineConfig(machine) => {
+                self.require_not_started("machine configuration")?;
+                validate_machine(&machine, self.hv.max_vcpus())
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                self.config.machine = machine;
+                Ok(ApiResponse::NoContent)
+            }
+            ApiRequest::PutBootSource(boot) => {
+                self.require_not_started("boot source")?;
+                check_boot_files(&boot)?;
+                self.config.boot = Some(boot);
+                Ok(ApiResponse::NoContent)
+            }
+            ApiRequest::PutSerial(serial) => {
+                self.require_not_started("serial configuration")?;
+                self.config.serial = serial;
+                Ok(ApiResponse::NoContent)
+            }
+            ApiRequest::Action(ActionType::InstanceStart) => self.api_start(),
+            ApiRequest::Action(ActionType::InstanceStop) => {
+                self.exit.get_or_insert(Outcome::Stopped);
+                Ok(ApiResponse::NoContent)
+            }
+            ApiRequest::PatchVm(requested) => self.api_patch_vm(requested),
+        }
+    }
+
+    fn api_start(&mut self) -> Reply {
+        if self.state != VmState::NotStarted {
+            return Err(ApiError::conflict("The VM has already been started"));
+        }
+        if self.config.boot.is_none() {
+            return Err(ApiError::conflict(
+                "Cannot start the VM without a boot source: PUT /boot-source first",
+            ));
+        }
+        match self.start() {
+            Ok(()) => Ok(ApiResponse::NoContent),
+            Err(e) if e.is_user_error() => Err(ApiError::bad_request(error_chain(&e))),
+            Err(e) => Err(ApiError::internal(error_chain(&e))),
+        }
+    }
+
+    fn api_patch_vm(&mut self, requested: RequestedVmState) -> Reply {
+        let vm = match (&self.vm, self.state) {
+            (Some(vm), VmState::Running | VmState::Paused) if self.exit.is_none() => vm,
+            _ => return Err(ApiError::conflict("The VM is not running")),
+        };
+        match (requested, self.state) {
+            (RequestedVmState::Paused, VmState::Running) => {
+                vm.pause()
+                    .map_err(|e| ApiError::internal(error_chain(&e)))?;
+                self.state = VmState::Paused;
+            }
+            (RequestedVmState::Resumed, VmState::Paused) => {
+                vm.resume();
+                self.state = VmState::Running;
+            }
+            (RequestedVmState::Paused, _) => {
+                return Err(ApiError::conflict("The VM is already paused"))
+            }
+            (RequestedVmState::Resumed, _) => {
+                return Err(ApiError::conflict("The VM is not paused"))
+            }
+        }
+        Ok(ApiResponse::NoContent)
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Reply {
+    serde_json::to_value(value)
+        .map(ApiResponse::Json)
+        .map_err(|e| ApiError::internal(format!("Cannot encode the response: {e}")))
+}
+
+/// The files a boot source names must be readable regular files now; their contents are checked
+/// when the VM is built.
+fn check_boot_files(boot: &BootSource) -> Result<(), ApiError> {
+    let check = |what: &str, path: &std::path::Path| -> Result<(), ApiError> {
+        match std::fs::File::open(path).and_then(|f| f.metadata()) {
+            Ok(meta) if meta.is_file() => Ok(()),
+            Ok(_) => Err(ApiError::bad_request(format!(
+                "The {what} {} is not a regular file",
+                path.display()
+            ))),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "Cannot open the {what} {}: {e}",
+                path.display()
+            ))),
+        }
+    };
+    check("kernel", &boot.kernel_image_path)?;
+    if let Some(initrd) = &boot.initrd_path {
+        check("initrd", initrd)?;
+    }
+    Ok(())
+}
