@@ -7,7 +7,9 @@
 //! | `run` | the README's main job: boots a guest under outboard-vmm |
 //! | `test [--slow]` | the README's test command: set-up, guest images, fmt, clippy, all tests |
 //! | `bench boot` | boot benchmark against QEMU; ends with a `RESULT` line |
+//! | `bench attest` | phase-1 measurement and attestation document cost |
 
+mod bench_attest;
 mod bench_boot;
 mod guest_linux;
 mod guest_test;
@@ -26,7 +28,8 @@ fn main() -> Result<()> {
         Some("test") => test(&rest),
         Some("bench") => match rest.first().copied() {
             Some("boot") => bench_boot::run(&rest[1..]),
-            other => bail!("Unknown benchmark {other:?}; known: boot"),
+            Some("attest") => bench_attest::run(&rest[1..]),
+            other => bail!("Unknown benchmark {other:?}; known: boot, attest"),
         },
         _ => {
             eprintln!("usage: cargo xtask <setup|guest|run|test|bench NAME>");
@@ -53,7 +56,7 @@ fn run_main_job() -> Result<()> {
     guest(&[])?;
     util::cargo(&["build", "--release", "-p", "outboard-vmm"])?;
     let root = util::workspace_root();
-    let vmm = root.join("target/release/outboard-vmm");
+    let vmm = util::cargo_target_dir().join("release/outboard-vmm");
     let guest_dir = root.join("target/guest");
     let hw_virt = util::host_has_hardware_virtualization();
     let mut cmd = std::process::Command::new(&vmm);

@@ -64,6 +64,9 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// ACPI fixed hardware: PM1a event block (status + enable) and control block, and the SCI.
+/// The debug console (QEMU's isa-debugcon port).
+pub const DEBUGCON_PORT: u16 = 0x402;
+
 pub const PM1A_EVT_PORT: u16 = 0x600;
 pub const PM1A_EVT_LEN: u8 = 4;
 pub const PM1A_CNT_PORT: u16 = 0x604;

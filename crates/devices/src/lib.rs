@@ -15,6 +15,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod debugcon;
 pub mod i8042;
 pub mod serial;
 

@@ -11,9 +11,15 @@ pub fn mark_process_start() {
     START.get_or_init(Instant::now);
 }
 
+/// Whether boot tracing is on (`OUTBOARD_VMM_TRACE_BOOT=1`): the debug console port then
+/// forwards to stderr, where the boot benchmark timestamps the guest's entry mark.
+pub fn enabled() -> bool {
+    std::env::var_os("OUTBOARD_VMM_TRACE_BOOT").is_some_and(|v| v == "1")
+}
+
 /// Called by vCPU 0 just before its first `KVM_RUN`.
 pub fn first_kvm_run() {
-    if std::env::var_os("OUTBOARD_VMM_TRACE_BOOT").is_some_and(|v| v == "1") {
+    if enabled() {
         let start = START.get_or_init(Instant::now);
         eprintln!(
             "outboard-vmm: first KVM_RUN after {} us",

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use outboard_boot::layout::{self, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, PM1A_EVT_PORT};
 use outboard_boot::{acpi, bootparams, loader, paging, GuestRam};
 use outboard_devices::acpi_pm::AcpiPm;
+use outboard_devices::debugcon::DebugConsole;
 use outboard_devices::i8042::I8042;
 use outboard_devices::serial::SerialDevice;
 use outboard_devices::{Bus, Device};
@@ -175,7 +176,12 @@ impl Vm {
             .map_err(Error::Bus)?;
         pio.insert(u64::from(PM1A_EVT_PORT), 6, pm.clone())
             .map_err(Error::Bus)?;
-        let devices: Vec<Arc<dyn Device>> = vec![serial.clone(), i8042, pm];
+        let debugcon = Arc::new(DebugConsole::new(
+            crate::trace::enabled().then(|| Box::new(std::io::stderr()) as Box<_>),
+        ));
+        pio.insert(u64::from(layout::DEBUGCON_PORT), 1, debugcon.clone())
+            .map_err(Error::Bus)?;
+        let devices: Vec<Arc<dyn Device>> = vec![serial.clone(), i8042, pm, debugcon];
 
         let control = Arc::new(VcpuControl::new(dup(&events.fault)?));
         let supported = hv.supported_cpuid().map_err(Error::Cpuid)?;
