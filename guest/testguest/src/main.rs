@@ -17,13 +17,10 @@
 mod arch;
 mod clock;
 mod commands;
-mod mem;
-mod pci;
 mod platform;
 mod power;
 mod serial;
 mod sync;
-mod virtio;
 
 use outboard_testguest_parse::bootinfo::Protocol;
 
