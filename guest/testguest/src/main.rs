@@ -17,10 +17,14 @@
 mod arch;
 mod clock;
 mod commands;
+mod irq;
+mod mem;
+mod pci;
 mod platform;
 mod power;
 mod serial;
 mod sync;
+mod virtio;
 
 use outboard_testguest_parse::bootinfo::Protocol;
 

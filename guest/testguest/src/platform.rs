@@ -9,6 +9,7 @@ use outboard_testguest_parse::acpi::{self, Gas, Madt};
 use outboard_testguest_parse::aml::{self, SleepType};
 use outboard_testguest_parse::bootinfo::{self, Protocol};
 use outboard_testguest_parse::cmdline::{self, Cmdline};
+use outboard_testguest_parse::pci::{self, Ecam};
 use outboard_testguest_parse::PhysMem;
 
 /// End of the identity map built at boot.
@@ -17,6 +18,9 @@ pub const MAPPED_END: u64 = 4 << 30;
 pub const MAX_CPUS: usize = 64;
 /// Page the `smp` command copies its real-mode trampoline to (SIPI vector 0x08).
 pub const TRAMPOLINE_ADDR: u64 = 0x8000;
+/// Memory the drivers give to devices (virtqueues, buffers): above the image, below 16 MiB.
+pub const DMA_BASE: u64 = 0x20_0000;
+pub const DMA_LEN: u64 = 0x60_0000;
 
 static PLATFORM: Once<Platform> = Once::new();
 
@@ -79,6 +83,10 @@ pub struct Platform {
     pub pm_timer: Option<Gas>,
     /// The e820 map says the trampoline page is RAM.
     pub trampoline_is_ram: bool,
+    /// The e820 map says the drivers' DMA area is RAM.
+    pub dma_is_ram: bool,
+    /// PCI ECAM from the MCFG table.
+    pub ecam: Option<Ecam>,
     /// The boot information could not be read: the guest reports it and powers off.
     pub boot_error: Option<bootinfo::Error>,
 }
@@ -98,6 +106,8 @@ impl Platform {
             power: PowerRegs::default(),
             pm_timer: None,
             trampoline_is_ram: false,
+            dma_is_ram: false,
+            ecam: None,
             boot_error: None,
         };
         let mut rsdp_hint = None;
@@ -112,13 +122,36 @@ impl Platform {
                 p.cmdline_len = bytes.len();
                 p.ram_bytes = boot.memmap.ram_bytes();
                 p.trampoline_is_ram = boot.memmap.is_ram(TRAMPOLINE_ADDR, 4096);
+                p.dma_is_ram = boot.memmap.is_ram(DMA_BASE, DMA_LEN);
                 rsdp_hint = boot.rsdp;
             }
             Err(e) => p.boot_error = Some(e),
         }
         match acpi::locate_rsdp(&mem, rsdp_hint).and_then(|rsdp| acpi::walk(&mem, rsdp)) {
-            Ok(tables) => p.read_tables(&tables),
+            Ok(tables) => {
+                p.read_tables(&tables);
+                p.ecam = match acpi::find(&mem, &tables.root, acpi::Sig(*b"MCFG")) {
+                    Ok(t) => pci::parse_mcfg(t.body()).unwrap_or_else(|e| {
+                        println!("outboard-testguest: ACPI: {e}");
+                        None
+                    }),
+                    Err(_) => None,
+                };
+            }
             Err(e) => println!("outboard-testguest: ACPI: {e}"),
+        }
+        // A VMM without an MCFG table (QEMU's microvm with pcie=on puts ECAM at 0xe0000000) can
+        // be named on the command line.
+        match p.cmdline().get_u64("outboard.pci_ecam") {
+            Ok(Some(base)) => {
+                p.ecam = Some(Ecam {
+                    base,
+                    start_bus: 0,
+                    end_bus: 0xFF,
+                })
+            }
+            Ok(None) => {}
+            Err(e) => println!("outboard-testguest: {e}"),
         }
         p
     }

@@ -1,6 +1,8 @@
 //! Parsers for everything the Outboard test guest reads from its VMM: the boot information (Linux
 //! `boot_params` or PVH `hvm_start_info`), the e820 memory map, the kernel command line, the ACPI
-//! tables and the `_S5_` object of the DSDT, and the kvmclock (pvclock) arithmetic.
+//! tables and the `_S5_` object of the DSDT, and the kvmclock (pvclock) arithmetic; and the pure
+//! logic of the PCI and virtio drivers (configuration space, ring indices, block patterns, frames,
+//! vsock headers).
 //!
 //! All of it is plain code over byte slices, `no_std` and free of `unsafe`, so that the host can
 //! unit-test and fuzz it: the guest supplies the bytes through [`PhysMem`]. The VMM is hostile
@@ -18,7 +20,12 @@ pub mod bootinfo;
 mod bytes;
 pub mod cmdline;
 pub mod e820;
+pub mod netframe;
+pub mod pattern;
+pub mod pci;
 pub mod pvclock;
+pub mod virtq;
+pub mod vsock;
 
 /// Read access to guest-physical memory.
 pub trait PhysMem {

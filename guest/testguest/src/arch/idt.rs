@@ -1,17 +1,24 @@
-//! The exception table: the 32 CPU exceptions, each ending the guest with
-//! `OUTBOARD_GUEST_EXCEPTION vector=<n> rip=<hex>` and a power-off. The guest never enables
-//! interrupts, so no other vector is needed.
+//! The interrupt table: the 32 CPU exceptions, each ending the guest with
+//! `OUTBOARD_GUEST_EXCEPTION vector=<n> rip=<hex>` and a power-off, and vectors 32..79 for the
+//! interrupts the virtio commands take when asked to (`crate::irq`); the guest runs with
+//! interrupts off otherwise.
 
 use core::arch::global_asm;
 use core::cell::UnsafeCell;
 
-global_asm!(include_str!("idt.s"), handler = sym exception, options(att_syntax));
+global_asm!(
+    include_str!("idt.s"),
+    handler = sym exception,
+    irq = sym crate::irq::handle,
+    options(att_syntax)
+);
 
 extern "C" {
     static outboard_isr_stubs: u8;
 }
 
-const VECTORS: usize = 32;
+/// Exceptions and the interrupt vectors of `crate::irq`.
+const VECTORS: usize = 80;
 const STUB_SIZE: u64 = 16;
 const KERNEL_CS: u64 = 0x08;
 /// Present, DPL 0, 64-bit interrupt gate.

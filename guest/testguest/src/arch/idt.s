@@ -1,6 +1,8 @@
 /* Exception stubs: stub N is at outboard_isr_stubs + 16 * N. Each pushes a zero error code where
  * the CPU pushes none, then the vector, so the common path sees one frame layout:
- * [rsp] = vector, [rsp + 8] = error code, [rsp + 16] = RIP. */
+ * [rsp] = vector, [rsp + 8] = error code, [rsp + 16] = RIP.
+ * Interrupt stubs (vectors 32..79) follow at the same stride: they push the vector and return
+ * with iretq after the handler, saving every register the C ABI lets a callee clobber. */
 
     .section .text.outboard_isr, "ax"
     .code64
@@ -48,6 +50,46 @@ outboard_isr_stubs:
     outboard_isr 29, 1
     outboard_isr 30, 1
     outboard_isr 31, 0
+
+    .macro outboard_irq vec
+    .balign 16
+    pushq $\vec
+    jmp outboard_irq_common
+    .endm
+
+    .set outboard_irq_vec, 32
+    .rept 48
+    outboard_irq outboard_irq_vec
+    .set outboard_irq_vec, outboard_irq_vec + 1
+    .endr
+
+/* RSP is 16-byte aligned when the CPU pushes the 40-byte frame; the vector and nine registers
+ * make 80 more bytes, so one 8-byte pad aligns the call. */
+outboard_irq_common:
+    pushq %rax
+    pushq %rcx
+    pushq %rdx
+    pushq %rsi
+    pushq %rdi
+    pushq %r8
+    pushq %r9
+    pushq %r10
+    pushq %r11
+    movq 72(%rsp), %rdi
+    subq $8, %rsp
+    call {irq}
+    addq $8, %rsp
+    popq %r11
+    popq %r10
+    popq %r9
+    popq %r8
+    popq %rdi
+    popq %rsi
+    popq %rdx
+    popq %rcx
+    popq %rax
+    addq $8, %rsp
+    iretq
 
 outboard_isr_common:
     movq (%rsp), %rdi

@@ -42,6 +42,14 @@ pub fn outw(port: u16, value: u16) {
     };
 }
 
+/// Writes an I/O port dword (PCI configuration address and data).
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// Reads an I/O port dword.
 pub fn inl(port: u16) -> u32 {
     let value: u32;
@@ -104,6 +112,14 @@ pub fn cr2() -> u64 {
     // SAFETY: reading CR2 has no effects.
     unsafe { asm!("mov {}, cr2", out(reg) value, options(nomem, nostack, preserves_flags)) };
     value
+}
+
+/// Takes pending interrupts and halts until the next one: `sti; hlt` (no interrupt is taken
+/// between the two: `sti` delays delivery by one instruction), then interrupts off again.
+pub fn wait_for_interrupt() {
+    // SAFETY: the IDT has a gate for every vector that may arrive (the interrupt sources are the
+    // guest's own MSI-X and timer programming); the handlers preserve every register.
+    unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
 /// Halts this CPU for good: interrupts off, `hlt` in a loop (an NMI would only loop back).

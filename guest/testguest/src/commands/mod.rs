@@ -7,9 +7,14 @@
 //! Output contract: results are single lines starting with `OUTBOARD_`; a command that can't do
 //! its job prints `OUTBOARD_GUEST_ERROR <command>: <why>` and returns.
 
+mod badinput;
 mod basic;
+mod blk;
 mod heartbeat;
+mod net;
+mod pci;
 pub mod smp;
+mod vsock;
 
 use crate::clock::Clock;
 use crate::platform::Platform;
@@ -71,6 +76,58 @@ pub static COMMANDS: &[Command] = &[
     Command {
         name: "smp",
         run: smp::run,
+    },
+    Command {
+        name: "pci",
+        run: pci::run,
+    },
+    Command {
+        name: "blk-verify",
+        run: blk::verify,
+    },
+    Command {
+        name: "blk-write",
+        run: blk::write,
+    },
+    Command {
+        name: "blk-read-verify",
+        run: blk::read_verify,
+    },
+    Command {
+        name: "blk-loop",
+        run: blk::run_loop,
+    },
+    Command {
+        name: "blk-bench",
+        run: blk::bench,
+    },
+    Command {
+        name: "net-exchange",
+        run: net::run,
+    },
+    Command {
+        name: "vsock-echo",
+        run: vsock::run,
+    },
+    Command {
+        name: "bad-queue-addr",
+        run: badinput::queue_addr,
+    },
+    Command {
+        name: "bad-queue-size",
+        run: badinput::queue_size,
+    },
+    Command {
+        name: "bad-msix",
+        run: badinput::msix,
+    },
+    Command {
+        name: "bad-bar",
+        run: badinput::bar,
+    },
+    Command {
+        name: "bad-desc",
+        run: badinput::desc,
     },
 ];
 
