@@ -94,3 +94,24 @@ impl Counter {
         self.0.load(Ordering::Relaxed)
     }
 }
+
+/// Helpers shared by the device unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    /// A `Write` sink whose bytes the test can read back through a clone.
+    #[derive(Clone, Default)]
+    pub struct Shared(pub Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+}

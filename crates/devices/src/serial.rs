@@ -234,18 +234,7 @@ impl Lifecycle for SerialDevice {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Shared {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::test_util::Shared;
 
     fn device() -> (SerialDevice, Shared, EventFd) {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
