@@ -4,8 +4,9 @@
 //! |---|---|
 //! | `setup` | installs what a fresh Debian machine lacks (apt packages, the guest Rust target) |
 //! | `guest [--test-only\|--linux-only]` | builds `target/guest/{testguest,vmlinuz,initramfs.img}` |
+//! | `guest --tiny-kernel` | builds only `target/guest/tiny-vmlinux` (a kernel PVM can run) |
 //! | `run` | the README's main job: boots a guest under outboard-vmm |
-//! | `test [--slow]` | the README's test command: set-up, guest images, fmt, clippy, all tests |
+//! | `test [--slow]` | the README's test command: set-up, guest images, fmt, clippy, all tests (`--slow`: also the tiny kernel and the ignored slow tests) |
 //! | `bench boot` | boot benchmark against QEMU; ends with a `RESULT` line |
 //! | `bench attest` | phase-1 measurement and attestation document cost |
 
@@ -13,6 +14,7 @@ mod bench_attest;
 mod bench_boot;
 mod guest_linux;
 mod guest_test;
+mod guest_tiny;
 mod setup;
 mod util;
 
@@ -39,6 +41,9 @@ fn main() -> Result<()> {
 }
 
 fn guest(args: &[&str]) -> Result<()> {
+    if args.contains(&"--tiny-kernel") {
+        return guest_tiny::build();
+    }
     let test_only = args.contains(&"--test-only");
     let linux_only = args.contains(&"--linux-only");
     if !linux_only {
@@ -95,8 +100,12 @@ fn run_main_job() -> Result<()> {
 
 /// The README's test command.
 fn test(args: &[&str]) -> Result<()> {
+    let slow = args.contains(&"--slow");
     setup::run()?;
     guest(&[])?;
+    if slow {
+        guest_tiny::build()?;
+    }
     util::cargo(&["fmt", "--all", "--check"])?;
     util::cargo(&[
         "clippy",
@@ -107,7 +116,7 @@ fn test(args: &[&str]) -> Result<()> {
         "warnings",
     ])?;
     let mut test_args = vec!["test", "--workspace"];
-    if args.contains(&"--slow") {
+    if slow {
         test_args.extend(["--", "--include-ignored"]);
     }
     util::cargo(&test_args)?;

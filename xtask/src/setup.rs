@@ -18,32 +18,25 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/objdump", "binutils"),
 ];
 
+/// Debian packages the tiny kernel (`cargo xtask guest --tiny-kernel`) needs: its source and
+/// what building Linux takes. Installed only when that image is asked for.
+const TINY_KERNEL_PACKAGES: &[(&str, &str)] = &[
+    ("/usr/src/linux-source-6.1.tar.xz", "linux-source-6.1"),
+    ("/usr/bin/bc", "bc"),
+    ("/usr/bin/bison", "bison"),
+    ("/usr/bin/flex", "flex"),
+    ("/usr/include/libelf.h", "libelf-dev"),
+    ("/usr/include/openssl/evp.h", "libssl-dev"),
+    ("/usr/bin/make", "make"),
+    ("/usr/bin/gcc", "gcc"),
+    ("/usr/bin/xz", "xz-utils"),
+];
+
 /// Python packages of the outside attestation verifier, as (import name, pip name).
 const PYTHON_PACKAGES: &[(&str, &str)] = &[("cbor2", "cbor2"), ("pycose", "pycose")];
 
 pub fn run() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(file, _)| !std::path::Path::new(file).exists())
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if !missing.is_empty() {
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root {
-            bail!(
-                "Missing Debian packages {missing:?}: run `sudo apt-get install -y {}`",
-                missing.join(" ")
-            );
-        }
-        println!("xtask setup: installing {}", missing.join(" "));
-        run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
-        run_cmd(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q"])
-                .args(&missing),
-        )?;
-    }
+    install_missing(PACKAGES)?;
     let missing_py: Vec<&str> = PYTHON_PACKAGES
         .iter()
         .filter(|(module, _)| {
@@ -70,6 +63,38 @@ pub fn run() -> Result<()> {
     if !String::from_utf8_lossy(&targets.stdout).contains("x86_64-unknown-none") {
         println!("xtask setup: adding the x86_64-unknown-none target for the test guest");
         run_cmd(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"]))?;
+    }
+    Ok(())
+}
+
+/// Installs the tiny kernel's source and build dependencies where they are missing.
+pub fn tiny_kernel_deps() -> Result<()> {
+    install_missing(TINY_KERNEL_PACKAGES)
+}
+
+/// Installs (as root) the packages of `wanted` whose file is missing, or says what to install.
+fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(file, _)| !std::path::Path::new(file).exists())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            bail!(
+                "Missing Debian packages {missing:?}: run `sudo apt-get install -y {}`",
+                missing.join(" ")
+            );
+        }
+        println!("xtask setup: installing {}", missing.join(" "));
+        run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
+        run_cmd(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q"])
+                .args(&missing),
+        )?;
     }
     Ok(())
 }

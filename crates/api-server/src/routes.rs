@@ -29,6 +29,14 @@ pub enum ApiRequest {
     Action(ActionType),
     /// `PATCH /vm`
     PatchVm(RequestedVmState),
+    /// `GET /attestation?nonce=<hex>&user_data=<hex>&public_key=<hex>`: the raw query string
+    /// (without `?`), parsed by the VMM's attestation code.
+    GetAttestation {
+        /// The query string, possibly empty.
+        query: String,
+    },
+    /// `GET /attestation/event-log`
+    GetAttestationEventLog,
 }
 
 /// Every endpoint as `(method, path)`.
@@ -42,11 +50,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/serial"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
+    ("GET", "/attestation"),
+    ("GET", "/attestation/event-log"),
 ];
 
-/// Routes one request. `target` may carry a query string, which no current endpoint takes.
+/// Routes one request. `target` may carry a query string; only `GET /attestation` reads it,
+/// other endpoints ignore it.
 pub fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let path = if path.len() > 1 {
         path.trim_end_matches('/')
     } else {
@@ -62,6 +73,10 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiRequest, ApiE
         ("PUT", "/serial") => ApiRequest::PutSerial(json(body)?),
         ("PUT", "/actions") => ApiRequest::Action(json::<InstanceActionInfo>(body)?.action_type),
         ("PATCH", "/vm") => ApiRequest::PatchVm(json::<VmStatePatch>(body)?.state),
+        ("GET", "/attestation") => ApiRequest::GetAttestation {
+            query: query.to_owned(),
+        },
+        ("GET", "/attestation/event-log") => ApiRequest::GetAttestationEventLog,
         _ if ROUTES.iter().any(|(_, p)| *p == path) => {
             return Err(ApiError::method_not_allowed(format!(
                 "Method {method} is not allowed on {path}"
@@ -105,6 +120,26 @@ mod tests {
             route("GET", "/?x=1", b"").unwrap(),
             ApiRequest::GetInstanceInfo
         );
+        assert_eq!(
+            route("GET", "/attestation?nonce=0a0b&user_data=", b"").unwrap(),
+            ApiRequest::GetAttestation {
+                query: "nonce=0a0b&user_data=".into()
+            }
+        );
+        assert_eq!(
+            route("GET", "/attestation", b"").unwrap(),
+            ApiRequest::GetAttestation {
+                query: String::new()
+            }
+        );
+        assert_eq!(
+            route("GET", "/attestation/event-log/", b"").unwrap(),
+            ApiRequest::GetAttestationEventLog
+        );
+        assert_eq!(
+            route("PUT", "/actions", br#"{"action_type":"InstanceAbort"}"#).unwrap(),
+            ApiRequest::Action(ActionType::InstanceAbort)
+        );
     }
 
     #[test]
@@ -121,6 +156,7 @@ mod tests {
             400
         );
         assert_eq!(status("DELETE", "/vm", b""), 405);
+        assert_eq!(status("POST", "/attestation", b""), 405);
         assert_eq!(status("GET", "/nope", b""), 404);
         assert_eq!(status("GET", "", b""), 404);
     }

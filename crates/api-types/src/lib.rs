@@ -64,10 +64,16 @@ pub struct InstanceActionInfo {
 /// Actions accepted by `PUT /actions`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ActionType {
-    /// Start the configured VM (its vCPUs begin at the kernel entry).
+    /// Phase 1 of an attested launch: build the VM, load kernel, initrd and command line into
+    /// guest memory and measure them; the vCPUs stay stopped (state `Loaded`).
+    InstanceLoad,
+    /// Start the VM (its vCPUs begin at the kernel entry). From `NotStarted` this loads and
+    /// measures first. Refused (409) when a launch policy does not approve the measurements.
     InstanceStart,
     /// Stop the VM and make the VMM exit 0 once the response is sent.
     InstanceStop,
+    /// Tear the VM down, zero its guest memory, and make the VMM exit 0.
+    InstanceAbort,
 }
 
 /// `PATCH /vm`: the state the client wants the VM in.
@@ -92,11 +98,14 @@ pub enum RequestedVmState {
 pub enum VmState {
     /// Configured (or being configured), vCPUs never ran.
     NotStarted,
+    /// Built, loaded and measured (phase 1); vCPUs not started. `GET /attestation` proves what
+    /// was loaded; `InstanceStart` runs it, `InstanceAbort` discards it.
+    Loaded,
     /// vCPUs are running.
     Running,
     /// vCPUs are parked by `PATCH /vm {"state":"Paused"}`.
     Paused,
-    /// The VM has ended (power-off, reset, stop or error); the VMM is exiting.
+    /// The VM has ended (power-off, reset, stop, abort or error); the VMM is exiting.
     Stopped,
 }
 
@@ -164,6 +173,20 @@ mod tests {
             })
             .unwrap(),
             r#"{"state":"Paused"}"#
+        );
+    }
+
+    #[test]
+    fn two_phase_actions_and_state_names() {
+        let a: InstanceActionInfo =
+            serde_json::from_str(r#"{"action_type":"InstanceLoad"}"#).unwrap();
+        assert_eq!(a.action_type, ActionType::InstanceLoad);
+        let a: InstanceActionInfo =
+            serde_json::from_str(r#"{"action_type":"InstanceAbort"}"#).unwrap();
+        assert_eq!(a.action_type, ActionType::InstanceAbort);
+        assert_eq!(
+            serde_json::to_string(&VmState::Loaded).unwrap(),
+            r#""Loaded""#
         );
     }
 

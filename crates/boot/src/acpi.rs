@@ -123,10 +123,20 @@ pub fn dsdt_aml() -> Vec<u8> {
     aml_bytes
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(extra_aml: &[u8]) -> Vec<u8> {
     let mut table = Sdt::new(*b"DSDT", 36, 2, OEM_ID, *b"OBVMDSDT", OEM_REVISION);
     table.append_slice(&dsdt_aml());
+    table.append_slice(extra_aml);
     table.as_slice().to_vec()
+}
+
+/// Tables and AML of devices described elsewhere (the PCI root complex in crates/pci, which
+/// depends on this crate): AML appended to the DSDT body, whole tables (header and checksum
+/// included) added to the XSDT.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AcpiExtras {
+    pub dsdt_aml: Vec<u8>,
+    pub tables: Vec<Vec<u8>>,
 }
 
 fn facs() -> Vec<u8> {
@@ -238,17 +248,29 @@ impl Placer<'_> {
 /// Builds all tables for `cpus` vCPUs and writes them from [`ACPI_START`]; the RSDP comes first
 /// (at 0xE0000, where a BIOS-area scan finds it).
 pub fn write_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<AcpiTables, Error> {
+    write_tables_with(mem, cpus, &AcpiExtras::default())
+}
+
+/// [`write_tables`] with `extras` in the DSDT and the XSDT.
+pub fn write_tables_with(
+    mem: &GuestMemoryMmap,
+    cpus: usize,
+    extras: &AcpiExtras,
+) -> Result<AcpiTables, Error> {
     let mut placer = Placer {
         mem,
         next: ACPI_START + Rsdp::len() as u64,
     };
-    let dsdt = placer.place("DSDT", &dsdt(), 16)?;
+    let dsdt = placer.place("DSDT", &dsdt(&extras.dsdt_aml), 16)?;
     let facs = placer.place("FACS", &facs(), 64)?;
     let fadt = placer.place("FACP", &fadt(dsdt, facs), 16)?;
     let madt = placer.place("APIC", &madt(cpus)?, 16)?;
     let mut xsdt = XSDT::new(OEM_ID, *b"OBVMXSDT", OEM_REVISION);
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
+    for table in &extras.tables {
+        xsdt.add_entry(placer.place("extra", table, 16)?);
+    }
     let xsdt = placer.place("XSDT", &to_bytes(&xsdt), 16)?;
     let rsdp = Rsdp::new(OEM_ID, xsdt);
     mem.write_slice(&to_bytes(&rsdp), GuestAddress(ACPI_START))

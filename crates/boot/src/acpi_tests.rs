@@ -153,3 +153,21 @@ fn too_many_cpus_is_an_error() {
         Err(Error::TooManyCpus(300))
     ));
 }
+
+#[test]
+fn extras_go_into_the_dsdt_and_xsdt() {
+    let mem = mem();
+    let mut extra = Sdt::new(*b"MCFG", 44, 1, OEM_ID, *b"OBVMMCFG", OEM_REVISION);
+    extra.append_slice(&[0u8; 16]);
+    let extras = AcpiExtras {
+        dsdt_aml: b"\x10\x0a\\_SB_XTRA".to_vec(),
+        tables: vec![extra.as_slice().to_vec()],
+    };
+    let tables = write_tables_with(&mem, 1, &extras).unwrap();
+    let xsdt = table(&mem, tables.xsdt, b"XSDT");
+    assert_eq!(xsdt.len(), 36 + 24, "FADT, MADT and the extra table");
+    let mcfg = table(&mem, u64_at(&xsdt, 52), b"MCFG");
+    assert_eq!(mcfg.len(), 60);
+    let dsdt = table(&mem, tables.dsdt, b"DSDT");
+    assert!(dsdt.ends_with(b"XTRA"));
+}

@@ -18,6 +18,8 @@
 //! 0xfee0_0000  │ local APICs
 //! 0xfffb_c000  │ KVM identity-map page, then 3-page TSS (reserved in e820)
 //! 0x1_0000_0000┼ RAM above 4 GiB: memory beyond 3 GiB
+//!      ...     │
+//! mmio64_start ┼ 64-bit PCI MMIO window (64 GiB), from max(64 GiB, end of RAM rounded up to 1 GiB)
 //! ```
 //!
 //! The e820 map the guest sees reports as RAM exactly `[0, EBDA_START)`, `[1 MiB, low_end)` and
@@ -49,6 +51,9 @@ pub const KVM_IDENTITY_MAP_START: u64 = 0xfffb_c000;
 pub const KVM_TSS_START: u64 = 0xfffb_d000;
 pub const KVM_RESERVED_END: u64 = 0x1_0000_0000;
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// The 64-bit PCI MMIO window starts no lower than this and is this large.
+pub const MMIO64_MIN_START: u64 = 64 << 30;
+pub const MMIO64_SIZE: u64 = 64 << 30;
 
 /// RAM can't be smaller than this: the boot structures, the kernel and a little room.
 pub const MIN_MEMORY: u64 = 16 << 20;
@@ -115,6 +120,16 @@ pub fn ram_ranges(mem_size: u64) -> Vec<RamRange> {
 /// End of RAM below the 32-bit MMIO hole.
 pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO32_START)
+}
+
+/// Start of the 64-bit PCI MMIO window for `mem_size` bytes of RAM: above the end of RAM,
+/// 1 GiB-aligned, and at a fixed address for every VM up to 63 GiB (stable `_CRS`).
+pub fn mmio64_start(mem_size: u64) -> u64 {
+    let ram_end = HIGH_RAM_START + mem_size.saturating_sub(MMIO32_START);
+    ram_end
+        .checked_next_multiple_of(1 << 30)
+        .unwrap_or(u64::MAX)
+        .max(MMIO64_MIN_START)
 }
 
 /// One e820 entry.
@@ -199,6 +214,16 @@ mod tests {
         assert_eq!(ranges[1].guest_addr, 4 << 30);
         assert_eq!(ranges[1].size, 1 << 30);
         assert_eq!(ranges[1].file_offset, 3 << 30);
+    }
+
+    #[test]
+    fn mmio64_window_lies_above_ram() {
+        assert_eq!(mmio64_start(128 << 20), 64 << 30);
+        assert_eq!(mmio64_start(3 << 30), 64 << 30);
+        // 100 GiB: 3 GiB low, 97 GiB from 4 GiB, so RAM ends at 101 GiB.
+        assert_eq!(mmio64_start(100 << 30), 101 << 30);
+        assert_eq!(mmio64_start((100 << 30) + 1), 102 << 30);
+        assert_eq!(mmio64_start((101 << 30) + (1 << 20)), 103 << 30);
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub struct LoadedKernel {
     pub format: KernelFormat,
     /// The 64-bit entry point.
     pub entry: u64,
+    /// Guest address the file's loaded bytes are placed relative to (what attestation reads
+    /// back): the bzImage's protected-mode kernel (`kernel_load`); 0 for ELF, whose segments go
+    /// to their physical addresses.
+    pub image_base: u64,
     /// First byte after the kernel image (initramfs goes above it).
     pub end: u64,
     /// The bzImage's setup header, to be copied into boot_params.
@@ -163,6 +167,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
             Ok(LoadedKernel {
                 format,
                 entry: result.kernel_load.0,
+                image_base: 0,
                 end: result.kernel_end,
                 setup_header: None,
                 pvh_entry,
@@ -181,6 +186,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, E
             Ok(LoadedKernel {
                 format,
                 entry: result.kernel_load.0 + BZIMAGE_ENTRY64_OFFSET,
+                image_base: result.kernel_load.0,
                 end: result.kernel_end,
                 setup_header: Some(hdr),
                 pvh_entry: None,
@@ -371,6 +377,7 @@ mod tests {
         let mut kernel = LoadedKernel {
             format: KernelFormat::Elf,
             entry: 0x100_0000,
+            image_base: 0,
             end: 0x200_0000,
             setup_header: None,
             pvh_entry: None,

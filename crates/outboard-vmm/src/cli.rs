@@ -4,12 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use outboard_api_types::{BootSource, MachineConfig, SerialConfig};
-use outboard_vmm::{parse_mem_size, RebootPolicy, VmmConfig};
+use outboard_vmm::{parse_mem_size, AttestationConfig, KeyFiles, RebootPolicy, VmmConfig};
 
 pub const USAGE: &str = "\
 Usage: outboard-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--memory SIZE]
                     [--serial stdout|PATH] [--api-sock PATH] [--reboot exit|restart] [--id ID]
-       outboard-vmm --api-sock PATH     (configure and start through the API)
+                    [--no-start] [ATTESTATION]
+       outboard-vmm --api-sock PATH [ATTESTATION]  (configure and start through the API)
 
   --kernel PATH      ELF (vmlinux, PVH) or bzImage kernel; the VM starts at once
   --initrd PATH      initramfs
@@ -19,13 +20,26 @@ Usage: outboard-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--
   --serial DEST      COM1 to stdout (default) or appended to a file
   --api-sock PATH    serve the REST API on this Unix socket
   --reboot POLICY    on guest reset: exit (default) or restart the VM
-  --id ID            instance id reported by the API
-  --help, --version";
+  --id ID            instance id reported by the API (and the documents' module_id)
+  --no-start         with --kernel and --api-sock: load and measure the VM (phase 1), then wait
+                     for InstanceStart (or InstanceAbort) through the API
+  --disk OPTS        vhost-user virtio-blk (repeatable): socket=PATH[,num_queues=N,queue_size=M]
+  --net OPTS         vhost-user virtio-net (repeatable): socket=PATH[,mac=M,num_queues=N,queue_size=M]
+  --vsock OPTS       virtio-vsock: cid=N,uds_path=PATH (guest port P connects to PATH_P)
+  --help, --version
+
+Attestation (all three key flags together; see `outboard attest host-key create`):
+  --attest-key F             host attestation private key (PEM, P-384)
+  --attest-cert F            its certificate (PEM)
+  --attest-cabundle F        the certificates from the root CA to the issuer (PEM)
+  --attest-passphrase-file F passphrase of an encrypted --attest-key
+  --attest-policy F          approved PCR values: InstanceStart is refused (409) unless they match
+With a key, GET /attestation serves signed documents; without one it answers 409.";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    Run(Args),
+    Run(Box<Args>),
     Help,
     Version,
 }
@@ -35,6 +49,9 @@ pub struct Args {
     pub config: VmmConfig,
     pub api_sock: Option<PathBuf>,
     pub id: String,
+    /// `--no-start`: phase 1 only; the API starts the VM.
+    pub no_start: bool,
+    pub attestation: AttestationConfig,
 }
 
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
@@ -46,6 +63,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
     let mut api_sock = None;
     let mut reboot = RebootPolicy::default();
     let mut id = None;
+    let mut no_start = false;
+    let mut devices = outboard_vmm::pci::DeviceConfig::default();
+    let (mut key, mut cert, mut cabundle, mut passphrase_file, mut policy) =
+        (None, None, None, None, None);
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -86,6 +107,24 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             "--api-sock" => api_sock = Some(PathBuf::from(value()?)),
             "--reboot" => reboot = value()?.parse().context("Invalid --reboot")?,
             "--id" => id = Some(value()?),
+            "--no-start" if inline.is_none() => no_start = true,
+            "--disk" => devices
+                .disks
+                .push(value()?.parse().context("Invalid --disk")?),
+            "--net" => devices
+                .nets
+                .push(value()?.parse().context("Invalid --net")?),
+            "--vsock" => {
+                if devices.vsock.is_some() {
+                    bail!("--vsock given twice (one vsock device per VM)");
+                }
+                devices.vsock = Some(value()?.parse().context("Invalid --vsock")?);
+            }
+            "--attest-key" => key = Some(PathBuf::from(value()?)),
+            "--attest-cert" => cert = Some(PathBuf::from(value()?)),
+            "--attest-cabundle" => cabundle = Some(PathBuf::from(value()?)),
+            "--attest-passphrase-file" => passphrase_file = Some(PathBuf::from(value()?)),
+            "--attest-policy" => policy = Some(PathBuf::from(value()?)),
             other => bail!("Unknown argument {other:?}\n\n{USAGE}"),
         }
     }
@@ -106,16 +145,32 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
         }
         None => None,
     };
-    Ok(Command::Run(Args {
+    if no_start && (boot.is_none() || api_sock.is_none()) {
+        bail!("--no-start needs --kernel (what to load) and --api-sock (to start or abort it)");
+    }
+    let keys = match (key, cert, cabundle) {
+        (Some(key), Some(cert), Some(cabundle)) => Some(KeyFiles {
+            key,
+            cert,
+            cabundle,
+            passphrase_file,
+        }),
+        (None, None, None) if passphrase_file.is_none() => None,
+        _ => bail!("Give --attest-key, --attest-cert and --attest-cabundle together"),
+    };
+    Ok(Command::Run(Box::new(Args {
         config: VmmConfig {
             machine,
             boot,
             serial,
             reboot,
+            devices,
         },
         api_sock,
         id: id.unwrap_or_else(|| format!("outboard-vmm-{}", std::process::id())),
-    }))
+        no_start,
+        attestation: AttestationConfig { keys, policy },
+    })))
 }
 
 #[cfg(test)]
@@ -124,7 +179,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Args> {
         match parse(args.iter().map(|s| s.to_string()))? {
-            Command::Run(a) => Ok(a),
+            Command::Run(a) => Ok(*a),
             other => bail!("unexpected {other:?}"),
         }
     }
@@ -164,6 +219,45 @@ mod tests {
         assert_eq!(args.config.reboot, RebootPolicy::Restart);
         assert_eq!(args.api_sock, Some(PathBuf::from("/tmp/a.sock")));
         assert_eq!(args.id, "vm1");
+        assert!(!args.no_start);
+        assert_eq!(args.attestation, AttestationConfig::default());
+    }
+
+    #[test]
+    fn two_phase_and_attestation_flags() {
+        let args = run(&[
+            "--kernel",
+            "/k",
+            "--api-sock",
+            "/a",
+            "--no-start",
+            "--attest-key=/h.key",
+            "--attest-cert",
+            "/h.pem",
+            "--attest-cabundle",
+            "/b.pem",
+            "--attest-passphrase-file",
+            "/p",
+            "--attest-policy",
+            "/policy.json",
+        ])
+        .unwrap();
+        assert!(args.no_start);
+        assert_eq!(
+            args.attestation,
+            AttestationConfig {
+                keys: Some(KeyFiles {
+                    key: "/h.key".into(),
+                    cert: "/h.pem".into(),
+                    cabundle: "/b.pem".into(),
+                    passphrase_file: Some("/p".into()),
+                }),
+                policy: Some("/policy.json".into()),
+            }
+        );
+        let policy_only = run(&["--api-sock", "/a", "--attest-policy", "/p.json"]).unwrap();
+        assert_eq!(policy_only.attestation.keys, None);
+        assert!(policy_only.attestation.policy.is_some());
     }
 
     #[test]
@@ -188,6 +282,18 @@ mod tests {
         assert!(err(&["--kernel", "/k", "--frobnicate"]).contains("Unknown argument"));
         assert!(err(&["--api-sock", "/a", "--cmdline", "x"]).contains("need --kernel"));
         assert!(err(&["--kernel", "/k", "--reboot", "never"]).contains("Invalid --reboot"));
+        assert!(err(&["--kernel", "/k", "--no-start"]).contains("--no-start needs"));
+        assert!(err(&["--api-sock", "/a", "--no-start"]).contains("--no-start needs"));
+        let partial = [
+            "--kernel",
+            "/k",
+            "--attest-key",
+            "/k.pem",
+            "--attest-cert",
+            "/c",
+        ];
+        assert!(err(&partial).contains("together"));
+        assert!(err(&["--kernel", "/k", "--attest-passphrase-file", "/p"]).contains("together"));
     }
 
     #[test]

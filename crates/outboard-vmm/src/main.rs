@@ -1,6 +1,7 @@
 //! outboard-vmm: one process per VM. Parses the command line, opens KVM, optionally serves the
-//! REST API, starts the VM (at once with `--kernel`, or on `InstanceStart`) and exits with the
-//! VM's outcome: 0 for power-off, reset, InstanceStop or SIGINT/SIGTERM; 2 for a guest fault
+//! REST API, starts the VM (at once with `--kernel`, or on `InstanceStart`; with `--no-start`
+//! it loads and measures the VM first and waits for `InstanceStart`) and exits with the VM's
+//! outcome: 0 for power-off, reset, InstanceStop, InstanceAbort or SIGINT/SIGTERM; 2 for a guest fault
 //! (triple fault, KVM internal error, unhandled exit); 1 for any VMM error.
 
 mod cli;
@@ -8,7 +9,7 @@ mod cli;
 use anyhow::{Context, Result};
 use outboard_api_server::ApiServer;
 use outboard_hypervisor::{HostKind, Hypervisor};
-use outboard_vmm::{config::validate_machine, trace, Vmm};
+use outboard_vmm::{config::validate_machine, trace, Attestation, Vmm};
 
 const PVM_NOTICE: &str = "outboard-vmm: host KVM is PVM (software virtualization): only PVM-aware \
 kernels and the Outboard test guest run here; a stock Linux kernel will not";
@@ -37,18 +38,29 @@ fn run() -> Result<i32> {
         }
         cli::Command::Run(args) => args,
     };
+    let start_now = args.config.boot.is_some();
+    // Started first: the helper loads the key and policy and hashes this binary (PCR0) while
+    // KVM and the VM are set up.
+    let mut attestation = Attestation::new(args.attestation, &args.id)?;
+    if !start_now {
+        // Nothing to overlap with: report bad key or policy files now.
+        attestation.wait_ready()?;
+    }
     let hv = Hypervisor::new().context("Cannot use KVM")?;
     if hv.kind() == HostKind::Pvm {
         eprintln!("{PVM_NOTICE}");
     }
     validate_machine(&args.config.machine, hv.max_vcpus())?;
-    let start_now = args.config.boot.is_some();
     let mut vmm = Vmm::new(hv, args.config, args.id)?;
+    vmm.set_attestation(attestation);
     if let Some(path) = &args.api_sock {
         let handler = vmm.api_handler()?;
         ApiServer::bind(path)?.spawn(handler)?;
     }
-    if start_now {
+    if start_now && args.no_start {
+        vmm.load().context("Cannot load the VM")?;
+        eprintln!("outboard-vmm: VM loaded and measured; waiting for InstanceStart");
+    } else if start_now {
         vmm.start().context("Cannot start the VM")?;
     }
     let outcome = vmm.run();

@@ -150,18 +150,31 @@ impl PciRoot {
         let mut specs = device.bar_specs();
         specs.sort_by_key(|(_, s)| std::cmp::Reverse(s.size));
         for (index, spec) in specs {
-            let (window, name) = match spec.kind {
-                BarKind::Mem32 => (&self.mmio32, "32-bit"),
-                BarKind::Mem64 => (&self.mmio64, "64-bit"),
-            };
-            let addr = window
+            // A 64-bit BAR goes below 4 GiB while there is room, as firmware does: guests that
+            // map only the low 4 GiB (early boot, the test guest) can then reach it.
+            let low = self
+                .mmio32
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .allocate(spec.size)
-                .ok_or(Error::NoSpace {
-                    size: spec.size,
-                    window: name,
-                })?;
+                .allocate(spec.size);
+            let addr = match (low, spec.kind) {
+                (Some(addr), _) => addr,
+                (None, BarKind::Mem32) => {
+                    return Err(Error::NoSpace {
+                        size: spec.size,
+                        window: "32-bit",
+                    })
+                }
+                (None, BarKind::Mem64) => self
+                    .mmio64
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .allocate(spec.size)
+                    .ok_or(Error::NoSpace {
+                        size: spec.size,
+                        window: "64-bit",
+                    })?,
+            };
             device.set_bar_address(index, addr);
         }
         let mut command = [0u8; 2];

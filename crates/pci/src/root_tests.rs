@@ -116,14 +116,14 @@ fn host_bridge_and_device_enumerate_through_ecam() {
 }
 
 #[test]
-fn bars_are_allocated_in_their_windows_and_mapped() {
+fn bars_are_allocated_below_4g_first_and_mapped() {
     let (root, mmio, _, _) = setup();
     let ecam = PciEcam::new(root);
     let bar0 = u64::from(ecam_read32(&ecam, 1, 0x10) & !0xf)
         | (u64::from(ecam_read32(&ecam, 1, 0x14)) << 32);
-    assert_eq!(bar0, WINDOWS.mmio64_start);
+    assert_eq!(bar0, WINDOWS.mmio32_start, "64-bit BAR placed below 4 GiB");
     let bar2 = u64::from(ecam_read32(&ecam, 1, 0x18) & !0xf);
-    assert_eq!(bar2, WINDOWS.mmio32_start);
+    assert_eq!(bar2, WINDOWS.mmio32_start + 0x4000);
     let mut b = [0u8; 1];
     assert!(mmio.read(bar2 + 3, &mut b));
     assert_eq!(b, [0x23]);
@@ -164,7 +164,7 @@ fn bar_reprogramming_moves_the_range() {
     let (root, mmio, dev, _) = setup();
     let ecam = PciEcam::new(root.clone());
     let cfg = 1u64 << 15;
-    let old = WINDOWS.mmio32_start;
+    let old = WINDOWS.mmio32_start + 0x4000;
     let new = 0xc800_0000u32;
     ecam.write(cfg | 0x18, &new.to_le_bytes());
     let mut b = [0u8; 1];
@@ -188,13 +188,13 @@ fn overlapping_bar_is_refused_and_counted() {
     let (root, mmio, dev, _) = setup();
     let ecam = PciEcam::new(root.clone());
     let cfg = 1u64 << 15;
-    // Move BAR 2 on top of BAR 0's 64-bit range is impossible (32-bit); put BAR 0 on BAR 2.
-    ecam.write(cfg | 0x10, &(WINDOWS.mmio32_start as u32).to_le_bytes());
-    ecam.write(cfg | 0x14, &0u32.to_le_bytes());
+    // Put BAR 0 on top of BAR 2.
+    let bar2 = WINDOWS.mmio32_start + 0x4000;
+    ecam.write(cfg | 0x10, &(bar2 as u32).to_le_bytes());
     assert_eq!(root.counters.bar_conflicts.get(), 1);
     assert_eq!(dev.placed.lock().unwrap().last(), Some(&(0, None, true)));
     let mut b = [0u8; 1];
-    assert!(mmio.read(WINDOWS.mmio32_start, &mut b));
+    assert!(mmio.read(bar2, &mut b));
     assert_eq!(b, [0x20], "BAR 2 still owns its range");
     // Moving it somewhere free maps it again.
     ecam.write(cfg | 0x10, &0xd000_0000u32.to_le_bytes());
@@ -213,7 +213,11 @@ fn allocation_fails_cleanly_when_window_is_full() {
             ..WINDOWS
         },
     );
-    root.add_device(TestDevice::new()).unwrap();
+    let first = TestDevice::new();
+    root.add_device(first.clone()).unwrap();
+    // The 32-bit window is too small for the 64-bit BAR: it went above 4 GiB.
+    let bar0 = first.config.lock().unwrap().bar_address(0);
+    assert_eq!(bar0, Some(WINDOWS.mmio64_start));
     let err = root.add_device(TestDevice::new()).unwrap_err();
     assert!(err.to_string().starts_with("No room for a BAR"), "{err}");
 }
@@ -226,6 +230,6 @@ fn sync_bars_follows_restored_config_space() {
     root.sync_bars(slot);
     let mut b = [0u8; 1];
     assert!(mmio.read(0xd800_0000, &mut b));
-    assert!(!mmio.read(WINDOWS.mmio32_start, &mut b));
+    assert!(!mmio.read(WINDOWS.mmio32_start + 0x4000, &mut b));
     root.sync_bars(99);
 }

@@ -57,6 +57,8 @@ pub struct VmmConfig {
     pub boot: Option<BootSource>,
     pub serial: SerialConfig,
     pub reboot: RebootPolicy,
+    /// virtio devices on PCI (CLI only for now).
+    pub devices: crate::pci::DeviceConfig,
 }
 
 impl VmmConfig {

@@ -4,28 +4,39 @@
 //! VM lifecycle (the `state` of `GET /`):
 //!
 //! ```text
-//!                InstanceStart (API) or --kernel (CLI)
-//!   NotStarted ────────────────────────────────────► Running ◄───┐ guest reset with
-//!       │                                          │   ▲    └────┘ --reboot restart: vCPUs
-//!       │                         PATCH /vm Paused │   │ Resumed   reset, kernel reloaded
-//!       │                                          ▼   │           into the same RAM
-//!       │                                          Paused
-//!       │ InstanceStop                               │
-//!       ▼                                            ▼ (from Running or Paused)
-//!    Stopped ◄── power-off, reset (--reboot exit), InstanceStop, SIGINT/SIGTERM, vCPU fault
+//!              InstanceLoad (API) or --kernel --no-start (CLI): build, load, measure (phase 1)
+//!   NotStarted ─────────────────────────────────────────────────► Loaded
+//!       │ │                                                          │ InstanceStart (phase 2): refused,
+//!       │ │ InstanceStart (API) or --kernel (CLI):                   │ staying Loaded, when a launch
+//!       │ │ load (+ measure if attested) and start                   │ policy rejects the measurements
+//!       │ └──────────────────────────────────────────────► Running ◄─┘
+//!       │                                                 │   ▲  ▲ └──┐ guest reset with --reboot restart:
+//!       │                                PATCH /vm Paused │   │  └────┘ vCPUs reset, kernel reloaded
+//!       │                                                 ▼   │ Resumed into the same RAM
+//!       │                                                 Paused
+//!       │ InstanceStop, InstanceAbort                       │
+//!       ▼                                                   ▼ (from Loaded, Running or Paused)
+//!    Stopped ◄── power-off, reset (--reboot exit), InstanceStop, InstanceAbort (guest memory
+//!                zeroed first), SIGINT/SIGTERM, vCPU fault
 //! ```
+//!
+//! `Loaded` is the attested launch's approval point (see [`attestation`]): guest memory holds
+//! exactly what was measured and no vCPU has run, so `GET /attestation` proves what will run.
 //!
 //! Pause really stops the guest: every vCPU is kicked out of `KVM_RUN` and parked before the API
 //! call returns (see [`vcpu`]). `Stopped` is terminal: the process exits with
 //! [`Outcome::exit_code`].
 
 pub mod api;
+pub mod attestation;
 pub mod config;
 pub mod console;
+pub mod pci;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;
 mod vmm;
 
+pub use attestation::{Attestation, AttestationConfig, KeyFiles};
 pub use config::{parse_mem_size, RebootPolicy, VmmConfig};
 pub use vmm::{error_chain, Error, Outcome, Vmm, VMM_VERSION};

@@ -1,5 +1,6 @@
-//! Boot-time tracing for the boot benchmark: with `OUTBOARD_VMM_TRACE_BOOT=1`, vCPU 0 prints
-//! `outboard-vmm: first KVM_RUN after <µs> us` (measured from [`mark_process_start`]) to stderr.
+//! Boot-time tracing for the boot benchmarks: with `OUTBOARD_VMM_TRACE_BOOT=1`, vCPU 0 prints
+//! `outboard-vmm: first KVM_RUN after <µs> us` (measured from [`mark_process_start`]) to stderr,
+//! and an attested launch its phase-1 steps the same way.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -19,10 +20,15 @@ pub fn enabled() -> bool {
 
 /// Called by vCPU 0 just before its first `KVM_RUN`.
 pub fn first_kvm_run() {
+    mark("first KVM_RUN");
+}
+
+/// Prints `outboard-vmm: <what> after <µs> us` when tracing (phase-1 steps, first `KVM_RUN`).
+pub fn mark(what: &str) {
     if enabled() {
         let start = START.get_or_init(Instant::now);
         eprintln!(
-            "outboard-vmm: first KVM_RUN after {} us",
+            "outboard-vmm: {what} after {} us",
             start.elapsed().as_micros()
         );
     }

@@ -59,6 +59,8 @@ pub enum Error {
     Console(#[from] console::Error),
     #[error(transparent)]
     Threads(#[from] vcpu::Error),
+    #[error(transparent)]
+    Pci(#[from] crate::pci::Error),
     #[error("The VM has already been started")]
     AlreadyStarted,
 }
@@ -69,7 +71,11 @@ impl Error {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            Error::Config(_) | Error::Memory(_) | Error::Load(_) | Error::Console(_)
+            Error::Config(_)
+                | Error::Memory(_)
+                | Error::Load(_)
+                | Error::Console(_)
+                | Error::Pci(_)
         )
     }
 }
@@ -93,9 +99,19 @@ impl VmEvents {
     }
 }
 
+/// Where the loader put the boot items in guest memory: what phase 1 measures.
+#[derive(Clone, Copy, Debug)]
+pub struct BootPlacement {
+    pub kernel: loader::LoadedKernel,
+    pub initrd: Option<loader::InitrdPlacement>,
+    /// Command line length without its NUL; it lies at [`layout::CMDLINE_START`].
+    pub cmdline_len: usize,
+}
+
 /// A built VM.
 pub struct Vm {
     config: VmmConfig,
+    placement: BootPlacement,
     kvm_vm: Arc<outboard_hypervisor::Vm>,
     /// PICs, IOAPIC and PIT as created, restored on a VM restart.
     power_on: PlatformState,
@@ -103,6 +119,7 @@ pub struct Vm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     devices: Vec<Arc<dyn Device>>,
+    pci: crate::pci::PciDevices,
     serial: Arc<SerialDevice>,
     control: Arc<VcpuControl>,
     counters: Vec<Arc<VcpuCounters>>,
@@ -120,7 +137,10 @@ impl std::fmt::Debug for Vm {
 }
 
 /// Loads kernel, initramfs, command line, ACPI tables, zero page and entry state into `mem`.
-fn load_guest(mem: &GuestMemoryMmap, config: &VmmConfig) -> Result<LongModeEntry, Error> {
+fn load_guest(
+    mem: &GuestMemoryMmap,
+    config: &VmmConfig,
+) -> Result<(LongModeEntry, BootPlacement), Error> {
     let boot = config.kernel()?;
     let kernel = loader::load_kernel(mem, &boot.kernel_image_path)?;
     if let Some(pvh) = kernel.pvh_entry {
@@ -131,8 +151,9 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmmConfig) -> Result<LongModeEntry
         None => None,
     };
     let cmdline_len = loader::write_cmdline(mem, config.cmdline(), kernel.cmdline_max())?;
-    let tables =
-        acpi::write_tables(mem, config.machine.vcpu_count as usize).map_err(Error::Acpi)?;
+    let pci_tables = crate::pci::acpi_extras(config.mem_bytes());
+    let tables = acpi::write_tables_with(mem, config.machine.vcpu_count as usize, &pci_tables)
+        .map_err(Error::Acpi)?;
     let page = bootparams::ZeroPage {
         mem_size: config.mem_bytes(),
         setup_header: kernel.setup_header,
@@ -141,7 +162,13 @@ fn load_guest(mem: &GuestMemoryMmap, config: &VmmConfig) -> Result<LongModeEntry
         rsdp_addr: tables.rsdp,
     };
     bootparams::write(mem, &page).map_err(Error::BootParams)?;
-    paging::write_entry_state(mem, kernel.entry).map_err(Error::Paging)
+    let entry = paging::write_entry_state(mem, kernel.entry).map_err(Error::Paging)?;
+    let placement = BootPlacement {
+        kernel,
+        initrd,
+        cmdline_len,
+    };
+    Ok((entry, placement))
 }
 
 impl Vm {
@@ -156,7 +183,7 @@ impl Vm {
             .setup_platform(layout::KVM_TSS_START, layout::KVM_IDENTITY_MAP_START)
             .map_err(Error::Platform)?;
         let power_on = kvm_vm.platform_state().map_err(Error::Platform)?;
-        let entry = load_guest(ram.memory(), config)?;
+        let (entry, placement) = load_guest(ram.memory(), config)?;
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -182,6 +209,14 @@ impl Vm {
         pio.insert(u64::from(layout::DEBUGCON_PORT), 1, debugcon.clone())
             .map_err(Error::Bus)?;
         let devices: Vec<Arc<dyn Device>> = vec![serial.clone(), i8042, pm, debugcon];
+        let pci = crate::pci::PciDevices::build(
+            kvm_vm.clone(),
+            &mmio,
+            &pio,
+            ram.memory(),
+            config.mem_bytes(),
+            &config.devices,
+        )?;
 
         let control = Arc::new(VcpuControl::new(dup(&events.fault)?));
         let supported = hv.supported_cpuid().map_err(Error::Cpuid)?;
@@ -214,12 +249,14 @@ impl Vm {
         }
         Ok(Vm {
             config: config.clone(),
+            placement,
             kvm_vm,
             power_on,
             ram,
             pio,
             mmio,
             devices,
+            pci,
             serial,
             control,
             counters,
@@ -248,10 +285,12 @@ impl Vm {
                 log::warn!("Pausing {}: {e}", device.name());
             }
         }
+        self.pci.pause();
         Ok(())
     }
 
     pub fn resume(&self) {
+        self.pci.resume();
         for device in &self.devices {
             if let Err(e) = device.resume() {
                 log::warn!("Resuming {}: {e}", device.name());
@@ -270,10 +309,11 @@ impl Vm {
         for device in &self.devices {
             device.reset();
         }
+        self.pci.reset();
         self.kvm_vm
             .set_platform_state(&self.power_on)
             .map_err(Error::Platform)?;
-        let entry = load_guest(self.ram.memory(), &self.config)?;
+        let (entry, _) = load_guest(self.ram.memory(), &self.config)?;
         if let Some(threads) = &self.threads {
             threads.schedule_reset(entry);
         }
@@ -295,6 +335,11 @@ impl Vm {
 
     pub fn serial(&self) -> Arc<SerialDevice> {
         self.serial.clone()
+    }
+
+    /// Where kernel, initrd and command line were loaded.
+    pub fn placement(&self) -> &BootPlacement {
+        &self.placement
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -328,11 +373,14 @@ impl Vm {
                 .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v)))
                 .collect::<serde_json::Map<_, _>>()
         };
-        let devices: serde_json::Map<String, serde_json::Value> = self
+        let mut devices: serde_json::Map<String, serde_json::Value> = self
             .devices
             .iter()
             .map(|d| (d.name().to_owned(), to_map(d.counters()).into()))
             .collect();
+        for (label, counters) in self.pci.metrics() {
+            devices.insert(label, to_map(counters).into());
+        }
         serde_json::json!({
             "vcpus": vcpus,
             "devices": devices,

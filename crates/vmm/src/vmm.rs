@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiBridge, ApiMessage, Reply};
+use crate::attestation::{self, Attestation};
 use crate::config::{validate_machine, RebootPolicy, VmmConfig};
 use crate::console::{self, RawTerminal};
 use crate::vcpu::VcpuFault;
@@ -33,6 +34,8 @@ pub enum Outcome {
     Reset,
     /// `InstanceStop` through the API.
     Stopped,
+    /// `InstanceAbort` through the API; guest memory was zeroed.
+    Aborted,
     /// SIGINT or SIGTERM.
     Signalled,
     /// A vCPU hit a triple fault, a KVM internal error or an exit we don't handle.
@@ -48,7 +51,11 @@ impl Outcome {
     /// Process exit status: 0 for an orderly end, 2 for a guest fault, 1 for a VMM failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::PoweredOff | Outcome::Reset | Outcome::Stopped | Outcome::Signalled => 0,
+            Outcome::PoweredOff
+            | Outcome::Reset
+            | Outcome::Stopped
+            | Outcome::Aborted
+            | Outcome::Signalled => 0,
             Outcome::Fault { .. } => 2,
             Outcome::Failed(_) => 1,
         }
@@ -60,6 +67,9 @@ impl Outcome {
             Outcome::PoweredOff => "outboard-vmm: guest powered off".into(),
             Outcome::Reset => "outboard-vmm: guest reset".into(),
             Outcome::Stopped => "outboard-vmm: stopped by InstanceStop".into(),
+            Outcome::Aborted => {
+                "outboard-vmm: aborted by InstanceAbort; guest memory zeroed".into()
+            }
             Outcome::Signalled => "outboard-vmm: stopped by signal".into(),
             Outcome::Fault { vcpu, fault } => format!("Error: vCPU {vcpu}: {fault}"),
             Outcome::Failed(message) => format!("Error: {message}"),
@@ -79,9 +89,14 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Errors of creating the VMM.
+/// Errors of creating the VMM and of launching its VM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Attestation(#[from] attestation::Error),
+    /// The launch policy rejects the measurements; the helper's message names the PCRs.
+    #[error("Refusing to start the VM: {0}")]
+    Refused(String),
     #[error("Cannot create control eventfds")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
@@ -110,6 +125,7 @@ pub struct Vmm {
     api: Option<(Receiver<ApiMessage>, EventFd)>,
     terminal: Option<RawTerminal>,
     exit: Option<Outcome>,
+    attestation: Attestation,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -135,7 +151,13 @@ impl Vmm {
             api: None,
             terminal: None,
             exit: None,
+            attestation: Attestation::default(),
         })
+    }
+
+    /// Sets the attestation key and launch policy (before the VM is loaded).
+    pub fn set_attestation(&mut self, attestation: Attestation) {
+        self.attestation = attestation;
     }
 
     pub fn state(&self) -> VmState {
@@ -150,18 +172,44 @@ impl Vmm {
         Ok(Arc::new(bridge))
     }
 
-    /// Builds the VM from the current configuration and starts its vCPUs.
-    pub fn start(&mut self) -> Result<(), vm::Error> {
+    /// Phase 1: builds the VM, loads the boot items and measures them; no vCPU runs.
+    pub fn load(&mut self) -> Result<(), Error> {
+        self.build(true)
+    }
+
+    fn build(&mut self, explicit_phase1: bool) -> Result<(), Error> {
         if self.state != VmState::NotStarted {
-            return Err(vm::Error::AlreadyStarted);
+            return Err(vm::Error::AlreadyStarted.into());
         }
-        let mut vm = Vm::build(&self.hv, &self.config, &self.events)?;
+        let vm = Vm::build(&self.hv, &self.config, &self.events)?;
+        if explicit_phase1 || self.attestation.measures_every_launch() {
+            self.attestation.measure(&vm, &self.config)?;
+        }
+        self.vm = Some(vm);
+        self.state = VmState::Loaded;
+        Ok(())
+    }
+
+    /// Phase 2: starts the vCPUs of the loaded VM (loading it first from `NotStarted`), unless
+    /// the launch policy rejects its measurements, in which case it stays loaded.
+    pub fn start(&mut self) -> Result<(), Error> {
+        match self.state {
+            VmState::NotStarted => self.build(false)?,
+            VmState::Loaded => {}
+            _ => return Err(vm::Error::AlreadyStarted.into()),
+        }
+        if let Some(refusal) = self.attestation.check_policy()? {
+            return Err(Error::Refused(refusal));
+        }
+        crate::trace::mark("launch approved");
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(vm::Error::AlreadyStarted.into());
+        };
         if self.config.serial.output.is_none() {
             self.terminal = Some(RawTerminal::enable());
-            console::forward_stdin(vm.serial())?;
+            console::forward_stdin(vm.serial()).map_err(vm::Error::from)?;
         }
         vm.start()?;
-        self.vm = Some(vm);
         self.state = VmState::Running;
         Ok(())
     }
@@ -173,11 +221,17 @@ impl Vmm {
             Err(e) => Outcome::Failed(error_chain(&e)),
         };
         self.state = VmState::Stopped;
+        let mut outcome = outcome;
         if let Some(mut vm) = self.vm.take() {
             vm.stop();
+            if outcome == Outcome::Aborted {
+                if let Err(e) = attestation::zero_guest_memory(vm.ram()) {
+                    outcome = Outcome::Failed(error_chain(&e));
+                }
+            }
         }
         self.terminal.take();
-        if outcome == Outcome::Stopped {
+        if matches!(outcome, Outcome::Stopped | Outcome::Aborted) {
             std::thread::sleep(STOP_RESPONSE_GRACE);
         }
         outcome
@@ -271,12 +325,15 @@ impl Vmm {
     }
 
     fn require_not_started(&self, what: &str) -> Result<(), ApiError> {
-        if self.state == VmState::NotStarted {
-            Ok(())
-        } else {
-            Err(ApiError::conflict(format!(
+        match self.state {
+            VmState::NotStarted => Ok(()),
+            // What was measured must be what runs.
+            VmState::Loaded => Err(ApiError::conflict(format!(
+                "Cannot change the {what} after the VM has been loaded and measured"
+            ))),
+            _ => Err(ApiError::conflict(format!(
                 "Cannot change the {what} after the VM has started"
-            )))
+            ))),
         }
     }
 
@@ -317,27 +374,41 @@ impl Vmm {
                 self.config.serial = serial;
                 Ok(ApiResponse::NoContent)
             }
-            ApiRequest::Action(ActionType::InstanceStart) => self.api_start(),
+            ApiRequest::Action(ActionType::InstanceLoad) => self.api_launch(false),
+            ApiRequest::Action(ActionType::InstanceStart) => self.api_launch(true),
             ApiRequest::Action(ActionType::InstanceStop) => {
                 self.exit.get_or_insert(Outcome::Stopped);
                 Ok(ApiResponse::NoContent)
             }
+            ApiRequest::Action(ActionType::InstanceAbort) => {
+                self.exit.get_or_insert(Outcome::Aborted);
+                Ok(ApiResponse::NoContent)
+            }
             ApiRequest::PatchVm(requested) => self.api_patch_vm(requested),
+            ApiRequest::GetAttestation { query } => self.attestation.document(&query),
+            ApiRequest::GetAttestationEventLog => self.attestation.event_log(),
         }
     }
 
-    fn api_start(&mut self) -> Reply {
-        if self.state != VmState::NotStarted {
-            return Err(ApiError::conflict("The VM has already been started"));
+    /// `InstanceLoad` (`start` false) and `InstanceStart`.
+    fn api_launch(&mut self, start: bool) -> Reply {
+        match (self.state, start) {
+            (VmState::NotStarted, _) | (VmState::Loaded, true) => {}
+            (VmState::Loaded, false) => {
+                return Err(ApiError::conflict("The VM has already been loaded"))
+            }
+            _ => return Err(ApiError::conflict("The VM has already been started")),
         }
         if self.config.boot.is_none() {
             return Err(ApiError::conflict(
                 "Cannot start the VM without a boot source: PUT /boot-source first",
             ));
         }
-        match self.start() {
+        let result = if start { self.start() } else { self.load() };
+        match result {
             Ok(()) => Ok(ApiResponse::NoContent),
-            Err(e) if e.is_user_error() => Err(ApiError::bad_request(error_chain(&e))),
+            Err(e @ Error::Refused(_)) => Err(ApiError::conflict(error_chain(&e))),
+            Err(Error::Vm(e)) if e.is_user_error() => Err(ApiError::bad_request(error_chain(&e))),
             Err(e) => Err(ApiError::internal(error_chain(&e))),
         }
     }

@@ -1,0 +1,546 @@
+//! The attested two-phase launch against real KVM and the test guest: phase 1 (`--no-start` or
+//! `InstanceLoad`) loads and measures with the vCPUs stopped; the document served by the live
+//! VMM verifies, carries exactly the PCRs predicted offline from the same files ("what is
+//! measured is what runs"), and is accepted by a verifier we did not write; a launch policy
+//! refuses a start whose measurements differ; `InstanceAbort` zeroes guest memory.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{assert_fault, assert_no_panic, exit_code, temp_path, vmm, TIMEOUT};
+use openssl::x509::X509;
+use outboard_attest::keys::{save_host_files, CertificateAuthority, SecretKey, Validity};
+use outboard_attest::pcr::PCR_COUNT;
+use outboard_attest::{
+    verify_document, CanonicalVmConfig, EventLog, Measurements, Policy, VerifyOptions,
+};
+use outboard_guest_harness::{kvm_available, ApiClient, GuestCommand, GuestVm};
+
+const MEMORY_MIB: u64 = 128;
+const CMDLINE: &str = "outboard.run=poweroff";
+/// Guest address of the command line (outboard-boot's layout), also its memfd offset.
+const CMDLINE_START: u64 = 0x2_0000;
+
+/// Operator root CA and a host key (passphrase-protected) written as outboard-vmm reads them.
+struct Pki {
+    dir: tempfile::TempDir,
+    root: X509,
+    host_cert_der: Vec<u8>,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let root =
+            CertificateAuthority::create_root("Attest test root", Validity::days_from_now(2))
+                .unwrap();
+        let key = SecretKey::generate().unwrap();
+        let cert = root
+            .issue_host_certificate("attest-test-host", &key, Validity::days_from_now(1))
+            .unwrap();
+        std::fs::write(dir.path().join("pass"), b"correct horse\n").unwrap();
+        save_host_files(
+            dir.path(),
+            &key,
+            &cert,
+            &root.bundle(),
+            Some(b"correct horse"),
+        )
+        .unwrap();
+        let root_pem = root.certificate.to_pem().unwrap();
+        std::fs::write(dir.path().join("root.pem"), &root_pem).unwrap();
+        Pki {
+            root: root.certificate.clone(),
+            host_cert_der: cert.to_der().unwrap(),
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn vmm_args(&self) -> Vec<PathBuf> {
+        let mut args = Vec::new();
+        for (flag, file) in [
+            ("--attest-key", "host.key"),
+            ("--attest-cert", "host.pem"),
+            ("--attest-cabundle", "cabundle.pem"),
+            ("--attest-passphrase-file", "pass"),
+        ] {
+            args.push(PathBuf::from(flag));
+            args.push(self.path(file));
+        }
+        args
+    }
+}
+
+/// A private copy of the test guest: another build replacing it mid-test must not change what
+/// is predicted or loaded.
+fn guest_copy(dir: &Path) -> PathBuf {
+    let guest = outboard_guest_harness::testguest_path();
+    outboard_guest_harness::require_guest_image(&guest);
+    let copy = dir.join("testguest");
+    std::fs::copy(&guest, &copy).unwrap();
+    copy
+}
+
+/// The PCRs of a launch predicted from its files, as `outboard attest measure --vmm … --kernel …
+/// --cmdline … --cpus 1 --memory 128M --signing-cert …` computes them.
+fn predict(kernel: &Path, cmdline: &str, signing_cert_der: Option<&[u8]>) -> Measurements {
+    let mut m = Measurements::new();
+    m.measure_vmm_binary(Path::new(env!("CARGO_BIN_EXE_outboard-vmm")))
+        .unwrap();
+    m.measure_kernel_file(&std::fs::read(kernel).unwrap())
+        .unwrap();
+    m.measure_cmdline(cmdline.as_bytes());
+    m.measure_config(&CanonicalVmConfig {
+        vcpus: 1,
+        memory_bytes: MEMORY_MIB << 20,
+        devices: Vec::new(),
+    })
+    .unwrap();
+    if let Some(der) = signing_cert_der {
+        m.measure_signing_certificate(der);
+    }
+    m
+}
+
+/// A policy approving every PCR `m` measured.
+fn policy_for(m: &Measurements) -> Policy {
+    let mut policy = Policy::default();
+    for e in &m.event_log().events {
+        policy.approve(e.pcr as u8, *m.pcrs().get(e.pcr).unwrap());
+    }
+    policy
+}
+
+/// outboard-vmm in phase 1 only (`--no-start`) with the test guest and `extra` flags.
+fn spawn_loaded(kernel: &Path, test: &str, extra: Vec<PathBuf>) -> (GuestVm, ApiClient) {
+    let sock = temp_path(test, ".sock");
+    let vm = GuestCommand::new(vmm())
+        .kernel(kernel)
+        .cmdline(CMDLINE)
+        .cpus(1)
+        .memory_mib(MEMORY_MIB)
+        .api_socket(&sock)
+        .args(["--no-start", "--id", test])
+        .args(extra)
+        .spawn()
+        .expect("spawn outboard-vmm");
+    let api = ApiClient::new(&sock);
+    api.wait_ready(TIMEOUT).expect("API socket comes up");
+    (vm, api)
+}
+
+/// `GET path` returning (status, content type, raw body): the harness client only reads text.
+fn get_bytes(api: &ApiClient, path: &str) -> (u16, String, Vec<u8>) {
+    let mut stream = UnixStream::connect(api.path()).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let head_end = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers");
+    let head = String::from_utf8(response[..head_end].to_vec()).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, content_type, response[head_end + 4..].to_vec())
+}
+
+fn state(api: &ApiClient) -> String {
+    let (code, body) = api.request("GET", "/", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    json["state"].as_str().unwrap().to_owned()
+}
+
+fn action(api: &ApiClient, name: &str) -> (u16, String) {
+    api.request(
+        "PUT",
+        "/actions",
+        Some(&format!(r#"{{"action_type":"{name}"}}"#)),
+    )
+    .unwrap()
+}
+
+/// No vCPU has run: every exit counter is zero and the guest printed nothing.
+fn assert_vcpus_never_ran(vm: &GuestVm, api: &ApiClient) {
+    let (code, body) = api.request("GET", "/metrics", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for vcpu in metrics["vcpus"].as_array().expect("vCPU counters") {
+        for counter in ["exits_io", "exits_mmio", "exits_other"] {
+            assert_eq!(vcpu[counter], 0, "a vCPU ran in phase 1: {body}");
+        }
+    }
+    assert!(
+        !vm.lines()
+            .iter()
+            .any(|l| l.contains("OUTBOARD_GUEST_READY")),
+        "the guest ran in phase 1"
+    );
+}
+
+fn event_log_of(api: &ApiClient) -> serde_json::Value {
+    let (code, body) = api.request("GET", "/attestation/event-log", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Python cbor2 + pycose + cryptography, if importable (crates/attest's test installs them).
+fn python_verifier() -> Option<&'static str> {
+    let ok = Command::new("python3")
+        .args(["-c", "import cbor2, pycose, cryptography.x509.verification"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../attest/tests/verify_nitro.py"
+    ))
+}
+
+#[test]
+fn attested_launch_serves_a_document_of_exactly_what_runs() {
+    if !kvm_available("attested_launch_serves_a_document_of_exactly_what_runs") {
+        return;
+    }
+    let pki = Pki::new();
+    let kernel = guest_copy(pki.dir.path());
+    let predicted = predict(&kernel, CMDLINE, Some(&pki.host_cert_der));
+    let policy = policy_for(&predicted);
+    std::fs::write(pki.path("policy.json"), policy.to_json()).unwrap();
+    let mut flags = pki.vmm_args();
+    flags.extend(["--attest-policy".into(), pki.path("policy.json")]);
+    let (vm, api) = spawn_loaded(&kernel, "attest-ok", flags);
+
+    assert_eq!(state(&api), "Loaded");
+    assert_vcpus_never_ran(&vm, &api);
+
+    let nonce = format!("5eed{:08x}{:016x}", std::process::id(), nanos_now());
+    let (code, content_type, doc) = get_bytes(&api, &format!("/attestation?nonce={nonce}"));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&doc));
+    assert_eq!(content_type, outboard_attest::DOCUMENT_CONTENT_TYPE);
+
+    // The event log the VMM serves replays to the document's PCRs, and its configuration is
+    // PCR5's input.
+    let log_json = event_log_of(&api);
+    let log: EventLog =
+        serde_json::from_value(serde_json::json!({ "events": log_json["events"] })).unwrap();
+    let config: CanonicalVmConfig = serde_json::from_value(log_json["config"].clone()).unwrap();
+    assert_eq!(config.vcpus, 1);
+    assert_eq!(config.memory_bytes, MEMORY_MIB << 20);
+
+    let nonce_bytes = hex::decode(&nonce).unwrap();
+    let verified = verify_document(
+        &doc,
+        &pki.root,
+        &VerifyOptions {
+            expected_nonce: Some(&nonce_bytes),
+            policy: Some(&policy),
+            event_log: Some(&log),
+            time: None,
+        },
+    )
+    .expect("the live document verifies against the root, nonce, policy and event log");
+    let document = verified.document;
+    assert_eq!(document.module_id, "attest-ok");
+    // What was measured is what was predicted from the files, register for register.
+    for i in 0..PCR_COUNT {
+        assert_eq!(
+            document.pcrs[&(i as u8)][..],
+            predicted.pcrs().get(i).unwrap()[..],
+            "PCR{i} measured by the VMM differs from the offline prediction"
+        );
+    }
+    assert_eq!(&log.replay().unwrap(), predicted.pcrs());
+    for (i, value) in log_json["pcrs"].as_object().unwrap() {
+        let i: usize = i.parse().unwrap();
+        assert_eq!(
+            value.as_str().unwrap(),
+            hex::encode(predicted.pcrs().get(i).unwrap())
+        );
+    }
+
+    // A stale nonce is caught.
+    let err = verify_document(
+        &doc,
+        &pki.root,
+        &VerifyOptions {
+            expected_nonce: Some(b"another challenge"),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("nonce"), "{err}");
+
+    // A verifier we did not write accepts the live document.
+    match python_verifier() {
+        Some(script) => {
+            std::fs::write(pki.path("doc.cbor"), &doc).unwrap();
+            let out = Command::new("python3")
+                .arg(script)
+                .arg(pki.path("doc.cbor"))
+                .arg(pki.path("root.pem"))
+                .arg(&nonce)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "python verifier rejected the live document: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+        }
+        None => eprintln!("SKIP: python3 with cbor2, pycose and cryptography is not available"),
+    }
+
+    // Bad requests and out-of-order actions in phase 1.
+    let (code, _, body) = get_bytes(&api, "/attestation?nonce=xyz");
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    let (code, _, body) = get_bytes(&api, "/attestation?nonce=00&nonce=01");
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    let (code, _, body) = get_bytes(&api, &format!("/attestation?nonce={}", "00".repeat(513)));
+    assert_eq!(code, 400, "{}", String::from_utf8_lossy(&body));
+    assert_fault(action(&api, "InstanceLoad"), 409, "already been loaded");
+    assert_fault(
+        api.request(
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path":"/nonexistent"}"#),
+        )
+        .unwrap(),
+        409,
+        "loaded and measured",
+    );
+    assert_vcpus_never_ran(&vm, &api);
+
+    // Phase 2: approved, so it runs; the guest powers off by itself.
+    let (code, body) = action(&api, "InstanceStart");
+    assert_eq!(code, 204, "{body}");
+    vm.wait_for_line("OUTBOARD_GUEST_READY", TIMEOUT).unwrap();
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+    assert!(vm.stderr().contains("VM loaded and measured"));
+    assert_no_panic(&vm);
+}
+
+#[test]
+fn policy_mismatch_refuses_start_and_abort_zeroes_guest_memory() {
+    if !kvm_available("policy_mismatch_refuses_start_and_abort_zeroes_guest_memory") {
+        return;
+    }
+    let pki = Pki::new();
+    let kernel = guest_copy(pki.dir.path());
+    // Approved: the same VM with another command line.
+    let approved = predict(&kernel, "outboard.run=heartbeat", Some(&pki.host_cert_der));
+    std::fs::write(pki.path("policy.json"), policy_for(&approved).to_json()).unwrap();
+    let mut flags = pki.vmm_args();
+    flags.extend(["--attest-policy".into(), pki.path("policy.json")]);
+    let (vm, api) = spawn_loaded(&kernel, "attest-refused", flags);
+
+    let (code, body) = action(&api, "InstanceStart");
+    assert_eq!(code, 409, "{body}");
+    let fault: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let message = fault["fault_message"].as_str().unwrap();
+    assert!(
+        message.contains("Refusing to start") && message.ends_with("PCR 4"),
+        "{message:?} should refuse naming only PCR 4 (the command line)"
+    );
+    assert_eq!(state(&api), "Loaded", "a refused VM stays loaded");
+    assert_vcpus_never_ran(&vm, &api);
+
+    // Hold guest memory open (through /proc) so it can be inspected after the VMM is gone.
+    let memfd = open_guest_memfd(vm.pid());
+    let mut cmdline = vec![0u8; CMDLINE.len()];
+    memfd.read_exact_at(&mut cmdline, CMDLINE_START).unwrap();
+    assert_eq!(
+        cmdline,
+        CMDLINE.as_bytes(),
+        "guest memory holds the loaded VM"
+    );
+
+    let (code, body) = action(&api, "InstanceAbort");
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+    assert!(
+        vm.stderr()
+            .contains("aborted by InstanceAbort; guest memory zeroed"),
+        "{}",
+        vm.stderr()
+    );
+    assert_no_panic(&vm);
+
+    let size = memfd.metadata().unwrap().len();
+    assert_eq!(size, MEMORY_MIB << 20);
+    let mut chunk = vec![0u8; 1 << 20];
+    for offset in (0..size).step_by(chunk.len()) {
+        memfd.read_exact_at(&mut chunk, offset).unwrap();
+        assert!(
+            chunk.iter().all(|b| *b == 0),
+            "guest memory at {offset:#x} survived InstanceAbort"
+        );
+    }
+}
+
+fn nanos_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Opens the VMM's guest-memory memfd through `/proc/<pid>/fd`.
+fn open_guest_memfd(pid: u32) -> std::fs::File {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let path = entry.unwrap().path();
+        let Ok(target) = std::fs::read_link(&path) else {
+            continue;
+        };
+        if target
+            .to_string_lossy()
+            .starts_with("/memfd:outboard-guest-ram")
+        {
+            return std::fs::File::open(&path).unwrap();
+        }
+    }
+    panic!("outboard-vmm {pid} has no guest memory memfd");
+}
+
+#[test]
+fn two_phase_through_the_api_without_an_attestation_key() {
+    if !kvm_available("two_phase_through_the_api_without_an_attestation_key") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = guest_copy(dir.path());
+    let sock = temp_path("attest-nokey", ".sock");
+    let vm = GuestCommand::new(vmm())
+        .api_socket(&sock)
+        .spawn()
+        .expect("spawn outboard-vmm");
+    let api = ApiClient::new(&sock);
+    api.wait_ready(TIMEOUT).unwrap();
+
+    assert_fault(
+        api.request("GET", "/attestation/event-log", None).unwrap(),
+        409,
+        "InstanceLoad",
+    );
+    assert_fault(action(&api, "InstanceLoad"), 409, "boot source");
+    let boot = serde_json::json!({"kernel_image_path": kernel, "boot_args": CMDLINE});
+    let (code, body) = api
+        .request("PUT", "/boot-source", Some(&boot.to_string()))
+        .unwrap();
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = api
+        .request(
+            "PUT",
+            "/machine-config",
+            Some(&format!(
+                r#"{{"vcpu_count":1,"mem_size_mib":{MEMORY_MIB}}}"#
+            )),
+        )
+        .unwrap();
+    assert_eq!(code, 204, "{body}");
+    let (code, body) = action(&api, "InstanceLoad");
+    assert_eq!(code, 204, "{body}");
+    assert_eq!(state(&api), "Loaded");
+
+    // No key: no document, but the measurements are there and match the files.
+    let (code, _, body) = get_bytes(&api, "/attestation?nonce=00");
+    assert_eq!(code, 409);
+    assert!(String::from_utf8_lossy(&body).contains("No attestation key configured"));
+    let log_json = event_log_of(&api);
+    let log: EventLog =
+        serde_json::from_value(serde_json::json!({ "events": log_json["events"] })).unwrap();
+    assert_eq!(
+        &log.replay().unwrap(),
+        predict(&kernel, CMDLINE, None).pcrs()
+    );
+
+    let (code, body) = action(&api, "InstanceStart");
+    assert_eq!(code, 204, "{body}");
+    vm.wait_for_line("OUTBOARD_GUEST_READY", TIMEOUT).unwrap();
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+    assert_no_panic(&vm);
+}
+
+#[test]
+fn bad_attestation_files_fail_the_start_clearly() {
+    if !kvm_available("bad_attestation_files_fail_the_start_clearly") {
+        return;
+    }
+    let pki = Pki::new();
+    let kernel = guest_copy(pki.dir.path());
+    std::fs::write(pki.path("wrong-pass"), b"not the passphrase\n").unwrap();
+    // (key, certificate, passphrase file, expected words)
+    let cases: [(&str, &str, &str, &str); 3] = [
+        (
+            "host.key",
+            "root.pem",
+            "pass",
+            "does not match the private key",
+        ),
+        (
+            "host.key",
+            "host.pem",
+            "wrong-pass",
+            "Cannot load the attestation key",
+        ),
+        ("missing.key", "host.pem", "pass", "missing.key"),
+    ];
+    for (key, cert, pass, needle) in cases {
+        let vm = GuestCommand::new(vmm())
+            .kernel(&kernel)
+            .cmdline(CMDLINE)
+            .memory_mib(MEMORY_MIB)
+            .args(["--attest-key".into(), pki.path(key)])
+            .args(["--attest-cert".into(), pki.path(cert)])
+            .args(["--attest-cabundle".into(), pki.path("cabundle.pem")])
+            .args(["--attest-passphrase-file".into(), pki.path(pass)])
+            .spawn()
+            .expect("spawn outboard-vmm");
+        assert_eq!(exit_code(&vm), 1, "stderr:\n{}", vm.stderr());
+        let stderr = vm.stderr();
+        assert!(stderr.contains("Cannot set up attestation"), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr} lacks {needle:?}");
+        assert!(!stderr.contains("correct horse"), "a passphrase was logged");
+        assert!(!vm
+            .lines()
+            .iter()
+            .any(|l| l.contains("OUTBOARD_GUEST_READY")));
+        assert_no_panic(&vm);
+    }
+    // A policy file that is not a policy.
+    std::fs::write(pki.path("bad-policy.json"), b"{\"version\": 99}").unwrap();
+    let vm = GuestCommand::new(vmm())
+        .kernel(&kernel)
+        .cmdline(CMDLINE)
+        .memory_mib(MEMORY_MIB)
+        .args(["--attest-policy".into(), pki.path("bad-policy.json")])
+        .spawn()
+        .expect("spawn outboard-vmm");
+    assert_eq!(exit_code(&vm), 1, "stderr:\n{}", vm.stderr());
+    assert!(
+        vm.stderr().contains("Cannot load the launch policy"),
+        "{}",
+        vm.stderr()
+    );
+}

@@ -1,0 +1,414 @@
+//! virtio devices on outboard-vmm's PCI bus, driven by the test guest's own drivers: disks
+//! served by qemu-storage-daemon over vhost-user (data checked in the backing file, a backend
+//! killed and restarted mid-run), malformed device programming, vsock to a host Unix socket,
+//! a NIC against a vhost-user-net echo backend, and a clear error for an unreachable backend.
+
+mod common;
+mod net_echo;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{exit_code, testguest, TIMEOUT};
+use outboard_guest_harness::{kvm_available, marker, wait_for_path, Daemon, GuestVm};
+
+const SECTOR: u64 = 512;
+/// Words 0–2 of every block the guest writes: this magic, the block's sector, the seed.
+const MAGIC: u64 = 0x0142_4C4B_424F_0000;
+const DISK_BYTES: u64 = 32 << 20;
+
+/// A per-test scratch directory, removed when the test ends.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir = common::temp_path(test, ".d");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn have_qsd(test: &str) -> bool {
+    let found = Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        eprintln!("SKIP: {test}: qemu-storage-daemon is not installed");
+    }
+    found
+}
+
+/// Creates a sparse disk image of [`DISK_BYTES`].
+fn image(scratch: &Scratch) -> PathBuf {
+    let path = scratch.path("disk.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    path
+}
+
+/// qemu-storage-daemon exporting `image` as vhost-user-blk with `queues` queues on `socket`.
+fn serve_disk(image: &Path, socket: &Path, queues: u16) -> Daemon {
+    let _ = std::fs::remove_file(socket);
+    let daemon = Daemon::spawn(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f0,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
+                 writable=on,num-queues={queues}",
+                socket.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
+    assert!(
+        wait_for_path(socket, Duration::from_secs(10)),
+        "qemu-storage-daemon made no socket"
+    );
+    daemon
+}
+
+fn disk_arg(socket: &Path, queues: u16) -> String {
+    format!("socket={},num_queues={queues}", socket.display())
+}
+
+/// Waits for `marker_name` and returns its fields; on a timeout, fails with the guest's output.
+fn result(vm: &GuestVm, marker_name: &str) -> BTreeMap<String, String> {
+    let line = vm.wait_for_line(marker_name, TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "{e}; serial:\n{}\nstderr:\n{}",
+            vm.lines().join("\n"),
+            vm.stderr()
+        )
+    });
+    marker::fields(&line, marker_name).unwrap()
+}
+
+/// Every one of `blocks` blocks is in the image where the guest put it.
+fn assert_blocks_on_disk(image: &Path, blocks: u64, seed: u64) {
+    let data = std::fs::read(image).unwrap();
+    let stride = DISK_BYTES / SECTOR / blocks;
+    for i in 0..blocks {
+        let sector = i * stride;
+        let at = (sector * SECTOR) as usize;
+        let word = |k: usize| u64::from_le_bytes(data[at + 8 * k..][..8].try_into().unwrap());
+        assert_eq!(
+            (word(0), word(1), word(2)),
+            (MAGIC, sector, seed),
+            "block {i}"
+        );
+    }
+}
+
+#[test]
+fn pci_lists_the_virtio_blk_device() {
+    const TEST: &str = "pci_lists_the_virtio_blk_device";
+    if !kvm_available(TEST) || !have_qsd(TEST) {
+        return;
+    }
+    let scratch = Scratch::new(TEST);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    let _qsd = serve_disk(&img, &sock, 1);
+    let vm = testguest(Some("pci"))
+        .args(["--disk", &disk_arg(&sock, 1)])
+        .spawn()
+        .unwrap();
+    let done = result(&vm, "OUTBOARD_PCI_DONE");
+    assert_eq!(done["access"], "ecam", "MCFG found: {done:?}");
+    assert_eq!(done["functions"], "2", "host bridge and the disk");
+    let lines = vm.lines();
+    let blk = lines
+        .iter()
+        .find(|l| l.contains("id=1af4:1042"))
+        .unwrap_or_else(|| panic!("no virtio-blk function: {lines:?}"));
+    let f = marker::fields(blk, "OUTBOARD_PCI").unwrap();
+    assert_eq!(f["class"], "01:80:00");
+    assert_eq!(f["msix"], "2", "one vector per queue plus config");
+    assert!(f["bar0"].starts_with("0xc"), "BAR below 4 GiB: {blk}");
+    assert_eq!(exit_code(&vm), 0);
+}
+
+fn blk_verify(test: &str, queues: u16, extra: &str) {
+    if !kvm_available(test) || !have_qsd(test) {
+        return;
+    }
+    let scratch = Scratch::new(test);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    let _qsd = serve_disk(&img, &sock, queues);
+    let (blocks, seed) = (256u64, 40 + u64::from(queues));
+    let vm = testguest(Some("blk-verify"))
+        .cmdline(&format!(
+            "outboard.blk_queues={queues} outboard.blk_sectors={blocks} outboard.blk_seed={seed} {extra}"
+        ))
+        .args(["--disk", &disk_arg(&sock, queues)])
+        .spawn()
+        .unwrap();
+    let r = result(&vm, "OUTBOARD_BLK_RESULT");
+    assert_eq!(r["ok"], "1", "{r:?}");
+    assert_eq!(r["written"], blocks.to_string());
+    assert_eq!(r["verified"], blocks.to_string());
+    assert_eq!(r["queues"], queues.to_string());
+    assert_eq!(r["errors"], "0");
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+    assert_blocks_on_disk(&img, blocks, seed);
+    if extra.contains("virtio_irq=1") {
+        // Completions arrived as MSI-X messages: backend call eventfd → KVM irqfd → MSI route.
+        let irqs: u32 = r["irqs"].parse().unwrap();
+        assert!(irqs >= u32::from(queues), "irqs={irqs}");
+    }
+}
+
+#[test]
+fn blk_verify_one_queue() {
+    blk_verify("blk_verify_one_queue", 1, "");
+}
+
+#[test]
+fn blk_verify_four_queues() {
+    blk_verify("blk_verify_four_queues", 4, "");
+}
+
+#[test]
+fn blk_verify_four_queues_with_msix_interrupts() {
+    blk_verify(
+        "blk_verify_four_queues_with_msix_interrupts",
+        4,
+        "outboard.virtio_irq=1",
+    );
+}
+
+#[test]
+fn blk_loop_sees_delay_not_errors_when_the_backend_restarts() {
+    const TEST: &str = "blk_loop_sees_delay_not_errors_when_the_backend_restarts";
+    if !kvm_available(TEST) || !have_qsd(TEST) {
+        return;
+    }
+    let scratch = Scratch::new(TEST);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    let mut qsd = serve_disk(&img, &sock, 2);
+    let rounds = 12;
+    let vm = testguest(Some("blk-loop"))
+        .cmdline(&format!(
+            "outboard.blk_queues=2 outboard.blk_every=64 outboard.blk_sectors=512 \
+             outboard.blk_rounds={rounds} outboard.blk_timeout_ms=500"
+        ))
+        .args(["--disk", &disk_arg(&sock, 2)])
+        .spawn()
+        .unwrap();
+    vm.wait_for_line("OUTBOARD_BLK_PROGRESS round=2 ", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", vm.lines()));
+    qsd.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let _qsd = serve_disk(&img, &sock, 2);
+    let r = result(&vm, "OUTBOARD_BLK_RESULT");
+    let lines = vm.lines();
+    assert_eq!(r["ok"], "1", "{r:?}\n{}\n{}", lines.join("\n"), vm.stderr());
+    assert_eq!(r["errors"], "0");
+    assert_eq!(r["verified"], (rounds * 64).to_string());
+    assert!(
+        lines.iter().any(|l| l.contains("no completion for 500 ms")),
+        "the guest never waited: was the backend really gone? {lines:?}"
+    );
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+}
+
+#[test]
+fn malformed_programming_leaves_the_vmm_running_and_the_device_recovers() {
+    const TEST: &str = "malformed_programming_leaves_the_vmm_running_and_the_device_recovers";
+    if !kvm_available(TEST) || !have_qsd(TEST) {
+        return;
+    }
+    let scratch = Scratch::new(TEST);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    // The backend may drop the session on bad descriptors: the VMM reconnects.
+    let _qsd = serve_disk(&img, &sock, 1);
+    for (command, needs_reset) in [
+        ("bad-queue-addr", true),
+        ("bad-queue-size", true),
+        ("bad-msix", true),
+        ("bad-bar", false),
+        ("bad-desc", false),
+    ] {
+        let vm = testguest(Some(command))
+            .args(["--disk", &disk_arg(&sock, 1)])
+            .spawn()
+            .unwrap();
+        let r = result(&vm, "OUTBOARD_BADINPUT_RESULT");
+        let lines = vm.lines();
+        assert_eq!(r["ok"], "1", "{command}: {r:?}\n{}", lines.join("\n"));
+        assert!(
+            lines.iter().any(|l| l.contains("recovered=1")),
+            "{command}: {lines:?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("recovered=0")),
+            "{command}: {lines:?}"
+        );
+        if needs_reset {
+            // The VMM validated the programming itself and asked for a reset.
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains(" done ") && l.contains("needs_reset=1")),
+                "{command}: {lines:?}"
+            );
+        }
+        assert_eq!(exit_code(&vm), 0, "{command}: stderr:\n{}", vm.stderr());
+        common::assert_no_panic(&vm);
+    }
+}
+
+/// Accepts one connection on `path`, echoes until EOF, returns the bytes echoed.
+fn uds_echo(path: PathBuf) -> std::thread::JoinHandle<usize> {
+    let listener = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) | Err(_) => break total,
+                Ok(n) => {
+                    conn.write_all(&buf[..n]).unwrap();
+                    total += n;
+                }
+            }
+        }
+    })
+}
+
+fn vsock_echo(test: &str, irq: bool) {
+    if !kvm_available(test) {
+        return;
+    }
+    let scratch = Scratch::new(test);
+    let uds = scratch.path("vm.vsock");
+    let echo = uds_echo(PathBuf::from(format!("{}_1234", uds.display())));
+    let vm = testguest(Some("vsock-echo"))
+        .cmdline(&format!(
+            "outboard.vsock_bytes=2000 outboard.virtio_irq={}",
+            u8::from(irq)
+        ))
+        .args(["--vsock", &format!("cid=3,uds_path={}", uds.display())])
+        .spawn()
+        .unwrap();
+    let r = result(&vm, "OUTBOARD_VSOCK_RESULT");
+    assert_eq!(
+        (r["ok"].as_str(), r["bytes"].as_str(), r["cid"].as_str()),
+        ("1", "2000", "3"),
+        "{r:?}\n{}",
+        vm.stderr()
+    );
+    assert_eq!(exit_code(&vm), 0);
+    assert_eq!(echo.join().unwrap(), 2000, "bytes the host echoed");
+}
+
+#[test]
+fn vsock_echo_to_a_host_unix_socket() {
+    vsock_echo("vsock_echo_to_a_host_unix_socket", false);
+}
+
+#[test]
+fn vsock_echo_with_msix_interrupts() {
+    vsock_echo("vsock_echo_with_msix_interrupts", true);
+}
+
+#[test]
+fn unreachable_disk_backend_is_a_clear_error() {
+    const TEST: &str = "unreachable_disk_backend_is_a_clear_error";
+    if !kvm_available(TEST) {
+        return;
+    }
+    let vm = testguest(Some("poweroff"))
+        .args(["--disk", "socket=/nonexistent/outboard/vub.sock"])
+        .spawn()
+        .unwrap();
+    assert_eq!(exit_code(&vm), 1, "stderr:\n{}", vm.stderr());
+    let stderr = vm.stderr();
+    assert!(
+        stderr.contains("Error: ")
+            && stderr
+                .contains("Cannot connect to vhost-user backend /nonexistent/outboard/vub.sock"),
+        "{stderr}"
+    );
+    common::assert_no_panic(&vm);
+}
+
+#[test]
+fn bad_device_options_are_refused() {
+    for (flag, value, needle) in [
+        ("--disk", "num_queues=2", "Invalid --disk"),
+        ("--disk", "socket=/s,num_queues=0", "num_queues"),
+        ("--net", "socket=/s,mac=01:00:00:00:00:01", "Invalid --net"),
+        ("--vsock", "cid=2,uds_path=/v", "cid"),
+    ] {
+        let vm = testguest(None).args([flag, value]).spawn().unwrap();
+        assert_eq!(exit_code(&vm), 1, "{flag} {value}: {}", vm.stderr());
+        let stderr = vm.stderr();
+        assert!(stderr.contains(needle), "{flag} {value}: {stderr}");
+        common::assert_no_panic(&vm);
+    }
+}
+
+#[test]
+fn net_exchange_against_a_vhost_user_echo_backend() {
+    const TEST: &str = "net_exchange_against_a_vhost_user_echo_backend";
+    if !kvm_available(TEST) {
+        return;
+    }
+    let scratch = Scratch::new(TEST);
+    let socket = scratch.path("net.sock");
+    let echo = std::sync::Arc::new(net_echo::Echo::default());
+    let _backend = net_echo::serve(socket.clone(), echo.clone());
+    let frames = 64;
+    let vm = testguest(Some("net-exchange"))
+        .cmdline(&format!("outboard.net_echo=1 outboard.net_frames={frames}"))
+        .args([
+            "--net",
+            &format!("socket={},mac=52:54:00:12:34:56", socket.display()),
+        ])
+        .spawn()
+        .unwrap();
+    let r = result(&vm, "OUTBOARD_NET_RESULT");
+    assert_eq!(
+        r["ok"],
+        "1",
+        "{r:?}\n{}\n{}",
+        vm.lines().join("\n"),
+        vm.stderr()
+    );
+    assert_eq!(r["sent"], frames.to_string());
+    assert_eq!(r["received"], frames.to_string());
+    assert_eq!((r["lost"].as_str(), r["duplicated"].as_str()), ("0", "0"));
+    assert_eq!(exit_code(&vm), 0);
+    assert_eq!(
+        *echo.echoed.lock().unwrap(),
+        frames,
+        "frames the backend echoed"
+    );
+}

@@ -1,0 +1,548 @@
+//! The VMM's side of the attested two-phase launch (US 9880866): the attestation key and launch
+//! policy given on the command line, phase-1 measurement of a loaded [`Vm`], the answers of
+//! `GET /attestation` and `GET /attestation/event-log`, and zeroing guest memory on
+//! `InstanceAbort`.
+//!
+//! The measuring, signing and policy logic (`outboard-attest`, on OpenSSL) runs in a helper
+//! process, `outboard-vmm-attest`, next to the VMM binary:
+//!
+//! - the private attestation key never enters the process that runs hostile guests: the VMM
+//!   passes the key's *paths*, the helper loads it;
+//! - the VMM does not link OpenSSL, whose loading alone would add about a millisecond of page
+//!   faults to every (also unattested) VMM start.
+//!
+//! ```text
+//!  outboard-vmm ──socketpair (the helper's stdin), one JSON line each way per request──► helper
+//!     Measure + guest memfd (SCM_RIGHTS) ─►  measure /proc/<vmm>/exe, kernel, initrd, cmdline
+//!                                            (read back from guest memory), config, certificate
+//!     CheckPolicy ─►                         approve or refuse (naming the PCRs)
+//!     Document {query} ─►                    COSE_Sign1 document, hex
+//! ```
+//!
+//! When phase 1 measures (PCR layout in `outboard_attest`):
+//!
+//! | launch | helper started | measured |
+//! |---|---|---|
+//! | attestation key or policy configured | at VMM start (bad key files fail the start) | always, before any vCPU runs |
+//! | explicit phase 1 (`InstanceLoad`, `--no-start`) without either | at phase 1 | yes (event log only) |
+//! | one-shot start (`--kernel`, `InstanceStart` from `NotStarted`) without either | never | no |
+//!
+//! PCR5's canonical configuration lists the vCPUs, the memory size and the devices with a backend
+//! of their own (none yet); the fixed legacy devices (UART, i8042, PM1, debug port) are part of
+//! the VMM binary, which PCR0 covers.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outboard_api_server::{ApiError, ApiResponse};
+use outboard_boot::layout::CMDLINE_START;
+use outboard_boot::GuestRam;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::config::VmmConfig;
+use crate::vm::Vm;
+
+/// Name of the helper binary, looked up next to the VMM's own.
+pub const HELPER_NAME: &str = "outboard-vmm-attest";
+/// Longest a helper request may take (hashing a 1 GiB initrd takes about a second); below the
+/// API's own reply timeout, so a stuck helper becomes a clear error, not a hung request.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest line either side accepts.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Errors of attestation set-up, measurement and memory scrubbing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot find the attestation helper next to the VMM binary")]
+    HelperPath(#[source] std::io::Error),
+    #[error("Cannot start the attestation helper {path}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot talk to the attestation helper")]
+    Talk(#[source] std::io::Error),
+    #[error("Attestation helper sent a malformed answer")]
+    Answer(#[source] serde_json::Error),
+    #[error("Attestation helper gave an unexpected answer")]
+    Unexpected,
+    #[error("Cannot set up attestation: {0}")]
+    HelperStart(String),
+    #[error("{0}")]
+    Helper(String),
+    #[error("Cannot zero guest memory")]
+    Zero(#[source] std::io::Error),
+    #[error("Guest memory still holds {0} allocated bytes after zeroing")]
+    NotZeroed(u64),
+}
+
+/// Key files given with `--attest-key`, `--attest-cert`, `--attest-cabundle`
+/// (`outboard attest host-key create` writes them).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyFiles {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    pub cabundle: PathBuf,
+    /// A file holding the key's passphrase, if the key is encrypted.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// What the command line asks of attestation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttestationConfig {
+    pub keys: Option<KeyFiles>,
+    /// `--attest-policy`: approved PCR values; `InstanceStart` is refused unless they match.
+    pub policy: Option<PathBuf>,
+}
+
+impl AttestationConfig {
+    /// The helper's command-line flags (paths only: the helper reads the files). PCR0 is
+    /// `/proc/<vmm_pid>/exe`, the binary actually running.
+    pub fn helper_args(&self, module_id: &str, vmm_pid: u32) -> Vec<String> {
+        let mut args = vec![
+            "--module-id".to_owned(),
+            module_id.to_owned(),
+            "--vmm-pid".to_owned(),
+            vmm_pid.to_string(),
+        ];
+        let mut flag = |name: &str, path: &PathBuf| {
+            args.push(name.to_owned());
+            args.push(path.display().to_string());
+        };
+        if let Some(k) = &self.keys {
+            flag("--attest-key", &k.key);
+            flag("--attest-cert", &k.cert);
+            flag("--attest-cabundle", &k.cabundle);
+            if let Some(p) = &k.passphrase_file {
+                flag("--attest-passphrase-file", p);
+            }
+        }
+        if let Some(p) = &self.policy {
+            flag("--attest-policy", p);
+        }
+        args
+    }
+}
+
+/// A request to the helper: one JSON line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Measure the loaded VM; the guest memory memfd travels with this line (SCM_RIGHTS).
+    Measure(MeasureRequest),
+    /// Check the measurements against the launch policy.
+    CheckPolicy,
+    /// Build and sign a document over the measurements.
+    Document { query: String },
+}
+
+/// What and where phase 1 measures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeasureRequest {
+    pub memory_bytes: u64,
+    pub kernel_path: PathBuf,
+    /// Guest address the kernel file's loaded regions are relative to.
+    pub kernel_image_base: u64,
+    /// `(address, size)` of the initrd in guest memory.
+    pub initrd: Option<(u64, u64)>,
+    pub cmdline_addr: u64,
+    /// Command line length including its NUL.
+    pub cmdline_len: u64,
+    /// PCR5's input, the JSON form of `outboard_attest::CanonicalVmConfig`.
+    pub config: serde_json::Value,
+}
+
+/// The helper's answer: one JSON line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// Key and policy loaded.
+    Ready,
+    /// `GET /attestation/event-log`'s body: `events`, `pcrs` (non-zero ones, hex), `config`.
+    Measured {
+        event_log: serde_json::Value,
+    },
+    Approved,
+    /// The policy rejects the measurements; `message` names the PCRs.
+    Refused {
+        message: String,
+    },
+    /// The signed document, hex.
+    Document {
+        cbor_hex: String,
+    },
+    /// The request failed; `status` is the HTTP status to answer with.
+    Failed {
+        status: u16,
+        message: String,
+    },
+}
+
+/// The running helper.
+#[derive(Debug)]
+struct Helper {
+    child: Child,
+    socket: UnixStream,
+    reader: BufReader<UnixStream>,
+    /// Whether its `Ready` arrived. The helper loads the key and policy and hashes the VMM
+    /// binary (PCR0) while the VMM builds the VM; the first request waits for it.
+    ready: bool,
+}
+
+impl Helper {
+    fn spawn(config: &AttestationConfig, module_id: &str) -> Result<Helper, Error> {
+        let exe = std::env::current_exe().map_err(Error::HelperPath)?;
+        let path = exe.with_file_name(HELPER_NAME);
+        let (socket, theirs) = UnixStream::pair().map_err(Error::Talk)?;
+        socket
+            .set_read_timeout(Some(HELPER_TIMEOUT))
+            .map_err(Error::Talk)?;
+        let child = Command::new(&path)
+            .args(config.helper_args(module_id, std::process::id()))
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|source| Error::Spawn { path, source })?;
+        let reader = BufReader::new(socket.try_clone().map_err(Error::Talk)?);
+        Ok(Helper {
+            child,
+            socket,
+            reader,
+            ready: false,
+        })
+    }
+
+    fn wait_ready(&mut self) -> Result<(), Error> {
+        if !self.ready {
+            match self.receive()? {
+                Response::Ready => self.ready = true,
+                Response::Failed { message, .. } => return Err(Error::HelperStart(message)),
+                _ => return Err(Error::Unexpected),
+            }
+        }
+        Ok(())
+    }
+
+    fn call(&mut self, request: &Request, fd: Option<&File>) -> Result<Response, Error> {
+        self.wait_ready()?;
+        let mut line = serde_json::to_vec(request).map_err(Error::Answer)?;
+        line.push(b'\n');
+        match fd {
+            Some(f) => {
+                let sent = self
+                    .socket
+                    .send_with_fd(&line[..], f.as_raw_fd())
+                    .map_err(|e| Error::Talk(e.into()))?;
+                self.socket.write_all(&line[sent..]).map_err(Error::Talk)?;
+            }
+            None => self.socket.write_all(&line).map_err(Error::Talk)?,
+        }
+        self.receive()
+    }
+
+    fn receive(&mut self) -> Result<Response, Error> {
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_MESSAGE as u64)
+            .read_until(b'\n', &mut line)
+            .map_err(Error::Talk)?;
+        if n == 0 {
+            return Err(Error::Talk(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        serde_json::from_slice(&line).map_err(Error::Answer)
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The attestation set-up of one VMM and, once phase 1 ran, its measurements.
+#[derive(Debug, Default)]
+pub struct Attestation {
+    config: AttestationConfig,
+    module_id: String,
+    helper: Option<Helper>,
+    /// `GET /attestation/event-log`'s body, once measured.
+    event_log: Option<serde_json::Value>,
+}
+
+impl Attestation {
+    /// Starts the helper when a key or policy is configured; it gets ready while the VMM sets
+    /// up ([`Attestation::wait_ready`] reports bad key or policy files).
+    pub fn new(config: AttestationConfig, module_id: &str) -> Result<Self, Error> {
+        let mut a = Attestation {
+            config,
+            module_id: module_id.to_owned(),
+            helper: None,
+            event_log: None,
+        };
+        if a.measures_every_launch() {
+            a.helper = Some(Helper::spawn(&a.config, &a.module_id)?);
+        }
+        Ok(a)
+    }
+
+    /// Waits for the helper (if started) to load the key and policy.
+    pub fn wait_ready(&mut self) -> Result<(), Error> {
+        match &mut self.helper {
+            Some(h) => h.wait_ready(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether every launch must be measured (a document may be asked for, or a policy checked).
+    pub fn measures_every_launch(&self) -> bool {
+        self.config.keys.is_some() || self.config.policy.is_some()
+    }
+
+    pub fn measured(&self) -> bool {
+        self.event_log.is_some()
+    }
+
+    fn helper(&mut self) -> Result<&mut Helper, Error> {
+        if self.helper.is_none() {
+            self.helper = Some(Helper::spawn(&self.config, &self.module_id)?);
+        }
+        self.helper.as_mut().ok_or(Error::Unexpected)
+    }
+
+    /// Phase 1's measurements of the loaded `vm` (vCPUs not started).
+    pub fn measure(&mut self, vm: &Vm, config: &VmmConfig) -> Result<(), Error> {
+        let placement = vm.placement();
+        let kernel_path = config
+            .boot
+            .as_ref()
+            .map(|b| b.kernel_image_path.clone())
+            .unwrap_or_default();
+        let request = Request::Measure(MeasureRequest {
+            memory_bytes: vm.ram().size(),
+            kernel_path,
+            kernel_image_base: placement.kernel.image_base,
+            initrd: placement.initrd.map(|i| (i.addr, i.size)),
+            cmdline_addr: CMDLINE_START,
+            cmdline_len: placement.cmdline_len as u64 + 1,
+            config: canonical_config(config),
+        });
+        crate::trace::mark("VM loaded");
+        let helper = self.helper()?;
+        helper.wait_ready()?;
+        crate::trace::mark("attestation helper ready");
+        match helper.call(&request, Some(vm.ram().memfd()))? {
+            Response::Measured { event_log } => {
+                crate::trace::mark("phase 1 measured");
+                self.event_log = Some(event_log);
+                Ok(())
+            }
+            Response::Failed { message, .. } => Err(Error::Helper(message)),
+            _ => Err(Error::Unexpected),
+        }
+    }
+
+    /// The launch policy's verdict: `Ok(None)` to go ahead (approved, or no policy),
+    /// `Ok(Some(message))` when it refuses.
+    pub fn check_policy(&mut self) -> Result<Option<String>, Error> {
+        if self.config.policy.is_none() {
+            return Ok(None);
+        }
+        match self.helper()?.call(&Request::CheckPolicy, None)? {
+            Response::Approved => Ok(None),
+            Response::Refused { message } => Ok(Some(message)),
+            Response::Failed { message, .. } => Err(Error::Helper(message)),
+            _ => Err(Error::Unexpected),
+        }
+    }
+
+    /// `GET /attestation?<query>`.
+    pub fn document(&mut self, query: &str) -> Result<ApiResponse, ApiError> {
+        if self.config.keys.is_none() {
+            return Err(ApiError::conflict(
+                "No attestation key configured: start outboard-vmm with --attest-key, \
+                 --attest-cert and --attest-cabundle",
+            ));
+        }
+        if !self.measured() {
+            return Err(not_measured());
+        }
+        let request = Request::Document {
+            query: query.to_owned(),
+        };
+        let internal = |e: Error| ApiError::internal(crate::error_chain(&e));
+        match self.helper().map_err(internal)?.call(&request, None) {
+            Ok(Response::Document { cbor_hex }) => Ok(ApiResponse::Bytes {
+                content_type: DOCUMENT_CONTENT_TYPE,
+                body: hex::decode(cbor_hex).map_err(|_| internal(Error::Unexpected))?,
+            }),
+            Ok(Response::Failed { status, message }) => Err(ApiError { status, message }),
+            Ok(_) => Err(internal(Error::Unexpected)),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    /// `GET /attestation/event-log`.
+    pub fn event_log(&self) -> Result<ApiResponse, ApiError> {
+        self.event_log
+            .clone()
+            .map(ApiResponse::Json)
+            .ok_or_else(not_measured)
+    }
+}
+
+/// The `Content-Type` of a served attestation document (`outboard_attest::DOCUMENT_CONTENT_TYPE`).
+pub const DOCUMENT_CONTENT_TYPE: &str = "application/cbor";
+
+fn not_measured() -> ApiError {
+    ApiError::conflict(
+        "The VM has not been loaded and measured: send InstanceLoad (or start outboard-vmm with \
+         --no-start) first",
+    )
+}
+
+/// PCR5's input for `config`, in the JSON form of `outboard_attest::CanonicalVmConfig` (see the
+/// module documentation for what it lists).
+pub fn canonical_config(config: &VmmConfig) -> serde_json::Value {
+    serde_json::json!({
+        "vcpus": config.machine.vcpu_count,
+        "memory_bytes": config.mem_bytes(),
+        "devices": [],
+    })
+}
+
+/// Zeroes all of guest memory by punching its memfd empty: the pages are freed and every later
+/// read, through the VMM's mapping or the file, returns zeros. Checks that no block is left.
+pub fn zero_guest_memory(ram: &GuestRam) -> Result<(), Error> {
+    punch_hole(ram.memfd(), ram.size())
+}
+
+fn punch_hole(file: &File, size: u64) -> Result<(), Error> {
+    let len = libc::off_t::try_from(size)
+        .map_err(|_| Error::Zero(std::io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: fallocate only acts on the file behind a valid descriptor we own; no memory of
+    // ours is passed. Mappings of the file stay valid and read zeros afterwards.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            len,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::Zero(std::io::Error::last_os_error()));
+    }
+    use std::os::unix::fs::MetadataExt;
+    let blocks = file.metadata().map_err(Error::Zero)?.blocks();
+    if blocks != 0 {
+        return Err(Error::NotZeroed(blocks * 512));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn zeroing_clears_the_mapping_and_the_memfd() {
+        let ram = GuestRam::new(32 << 20).unwrap();
+        let secret = b"guest secret that must not outlive an abort";
+        for at in [0x1000u64, 0x10_0000, (32 << 20) - 0x1000] {
+            ram.memory().write_slice(secret, GuestAddress(at)).unwrap();
+        }
+        let mut back = vec![0u8; secret.len()];
+        ram.memfd().read_exact_at(&mut back, 0x10_0000).unwrap();
+        assert_eq!(&back, secret);
+
+        zero_guest_memory(&ram).unwrap();
+
+        for at in [0x1000u64, 0x10_0000, (32 << 20) - 0x1000] {
+            ram.memory()
+                .read_slice(&mut back, GuestAddress(at))
+                .unwrap();
+            assert!(back.iter().all(|b| *b == 0), "mapping at {at:#x}");
+        }
+        let mut whole = vec![0xffu8; 32 << 20];
+        ram.memfd().read_exact_at(&mut whole, 0).unwrap();
+        assert!(whole.iter().all(|b| *b == 0), "memfd content");
+        assert_eq!(ram.memfd().metadata().unwrap().len(), 32 << 20);
+    }
+
+    #[test]
+    fn no_key_and_no_measurements_are_conflicts() {
+        let mut none = Attestation::new(AttestationConfig::default(), "vm").unwrap();
+        assert!(!none.measures_every_launch());
+        assert!(none.helper.is_none(), "no helper without a key or policy");
+        let err = none.document("nonce=00").unwrap_err();
+        assert_eq!(err.status, 409);
+        assert!(
+            err.message.contains("No attestation key"),
+            "{}",
+            err.message
+        );
+        assert_eq!(none.event_log().unwrap_err().status, 409);
+        assert_eq!(none.check_policy().unwrap(), None);
+    }
+
+    #[test]
+    fn protocol_lines_round_trip() {
+        let req = Request::Document {
+            query: "nonce=00".into(),
+        };
+        let line = serde_json::to_string(&req).unwrap();
+        assert_eq!(line, r#"{"op":"document","query":"nonce=00"}"#);
+        assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), req);
+        let refused: Response =
+            serde_json::from_str(r#"{"result":"refused","message":"PCR 4"}"#).unwrap();
+        assert_eq!(
+            refused,
+            Response::Refused {
+                message: "PCR 4".into()
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+    }
+
+    #[test]
+    fn helper_flags_carry_paths_only() {
+        let config = AttestationConfig {
+            keys: Some(KeyFiles {
+                key: "/k".into(),
+                cert: "/c".into(),
+                cabundle: "/b".into(),
+                passphrase_file: None,
+            }),
+            policy: Some("/p".into()),
+        };
+        assert_eq!(
+            config.helper_args("vm-1", 42),
+            [
+                "--module-id",
+                "vm-1",
+                "--vmm-pid",
+                "42",
+                "--attest-key",
+                "/k",
+                "--attest-cert",
+                "/c",
+                "--attest-cabundle",
+                "/b",
+                "--attest-policy",
+                "/p"
+            ]
+        );
+    }
+}
