@@ -1,0 +1,410 @@
+//! The card's control API: REST with JSON bodies over a Unix socket (see
+//! openapi/outboard-card.yaml).
+//!
+//! It owns the open volume store and the attachments (volume → vhost-user-blk server). Keys
+//! arrive in attach requests, live only in the attached device, and are zeroized on detach.
+//!
+//! ```text
+//!  volume: created ──attach──► attached ──detach──► created ──delete──► gone
+//!             │ grow (detached only)   │ qos (live), stats
+//! ```
+
+mod http;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use outboard_card_storage::backing::Backing;
+use outboard_card_storage::blk::device::VolumeDevice;
+use outboard_card_storage::table::{Volume, VolumeStore};
+use outboard_card_storage::throttle::{Limit, Limits};
+use outboard_card_storage::vhost::Server;
+use outboard_card_storage::xts::{XtsKey, KEY_LEN};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::{Zeroize, Zeroizing};
+
+use http::{Request, Response};
+
+struct Attachment {
+    dev: Arc<VolumeDevice>,
+    server: Server,
+}
+
+/// The card's state behind the API.
+pub struct Card {
+    store: Mutex<VolumeStore>,
+    backing: Arc<Backing>,
+    attached: Mutex<HashMap<String, Attachment>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    size: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrowBody {
+    size: u64,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct QosBody {
+    iops: Option<u64>,
+    iops_burst: Option<u64>,
+    iops_read: Option<u64>,
+    iops_write: Option<u64>,
+    bandwidth: Option<u64>,
+    bandwidth_burst: Option<u64>,
+    bandwidth_read: Option<u64>,
+    bandwidth_write: Option<u64>,
+    /// Bytes counted as one operation (default 256 KiB).
+    op_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachBody {
+    socket: PathBuf,
+    #[serde(default)]
+    key_hex: Option<String>,
+    #[serde(default = "one")]
+    queues: usize,
+    #[serde(default)]
+    qos: QosBody,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn limits(q: QosBody) -> Limits {
+    let l = |rate: Option<u64>, burst: Option<u64>| {
+        rate.map(|rate| match burst {
+            Some(burst) => Limit { rate, burst },
+            None => Limit::rate(rate),
+        })
+    };
+    // Per-direction limits share the burst of their kind.
+    Limits {
+        iops_total: l(q.iops, q.iops_burst),
+        iops_read: l(q.iops_read, q.iops_burst),
+        iops_write: l(q.iops_write, q.iops_burst),
+        bw_total: l(q.bandwidth, q.bandwidth_burst),
+        bw_read: l(q.bandwidth_read, q.bandwidth_burst),
+        bw_write: l(q.bandwidth_write, q.bandwidth_burst),
+        op_size: q.op_size.unwrap_or(Limits::default().op_size),
+    }
+}
+
+fn volume_json(v: &Volume, attached: Option<&Attachment>) -> Value {
+    let extents: Vec<Value> = v
+        .extents
+        .iter()
+        .map(|e| json!({ "physical": e.physical, "length": e.length }))
+        .collect();
+    json!({
+        "name": v.name,
+        "size": v.size,
+        "extents": extents,
+        "attached": attached.map(|a| a.server.socket().display().to_string()),
+    })
+}
+
+/// Decodes 128 hex digits into a key; the digits are zeroized by the caller.
+fn parse_key(hex: &str) -> Result<XtsKey, String> {
+    let hex = hex.trim().as_bytes();
+    if hex.len() != 2 * KEY_LEN {
+        return Err(format!("key_hex must be {} hex digits", 2 * KEY_LEN));
+    }
+    let mut key = Zeroizing::new([0u8; KEY_LEN]);
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        let d = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        match (d(pair[0]), d(pair[1])) {
+            (Some(h), Some(l)) => key[i] = h << 4 | l,
+            _ => return Err("key_hex is not hex".into()),
+        }
+    }
+    XtsKey::from_bytes(&key[..]).map_err(|e| e.to_string())
+}
+
+fn body<T: for<'a> Deserialize<'a>>(req: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("Bad request body: {e}")))
+}
+
+/// Chain of an error's sources, for fault messages.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Card {
+    /// Opens the volume store on `backing`.
+    pub fn open(backing: &Path) -> Result<Self> {
+        let store = VolumeStore::open(backing)
+            .with_context(|| format!("Cannot open {}", backing.display()))?;
+        let data = Arc::new(Backing::open(backing)?);
+        Ok(Self {
+            store: Mutex::new(store),
+            backing: data,
+            attached: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, VolumeStore> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attached(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attachment>> {
+        self.attached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Routes one request.
+    pub fn handle(&self, req: &Request) -> Response {
+        let path = req.path.split('?').next().unwrap_or_default();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let r = match (req.method.as_str(), parts.as_slice()) {
+            ("GET", ["volumes"]) => Ok(self.list()),
+            ("POST", ["volumes"]) => self.create(req),
+            ("GET", ["volumes", name]) => self.get(name),
+            ("PATCH", ["volumes", name]) => self.grow(name, req),
+            ("DELETE", ["volumes", name]) => self.delete(name),
+            ("PUT", ["volumes", name, "attachment"]) => self.attach(name, req),
+            ("DELETE", ["volumes", name, "attachment"]) => self.detach(name),
+            ("PUT", ["volumes", name, "qos"]) => self.qos(name, req),
+            ("GET", ["volumes", name, "stats"]) => self.stats(name),
+            (_, ["volumes"] | ["volumes", _] | ["volumes", _, "attachment" | "qos" | "stats"]) => {
+                Err(Response::error(405, "Method not allowed"))
+            }
+            _ => Err(Response::error(404, format!("No route {path}"))),
+        };
+        r.unwrap_or_else(|e| e)
+    }
+
+    fn list(&self) -> Response {
+        let store = self.store();
+        let attached = self.attached();
+        let vols: Vec<Value> = store
+            .list()
+            .iter()
+            .map(|v| volume_json(v, attached.get(&v.name)))
+            .collect();
+        Response::json(
+            200,
+            &json!({ "volumes": vols, "free": store.table().free_bytes() }),
+        )
+    }
+
+    fn get(&self, name: &str) -> Result<Response, Response> {
+        let store = self.store();
+        let v = store
+            .table()
+            .volume(name)
+            .ok_or_else(|| Response::error(404, format!("No volume {name}")))?;
+        Ok(Response::json(
+            200,
+            &volume_json(v, self.attached().get(name)),
+        ))
+    }
+
+    fn edit_error(e: outboard_card_storage::table::Error) -> Response {
+        use outboard_card_storage::table::{EditError, Error};
+        let status = match &e {
+            Error::Edit(EditError::NotFound(_)) => 404,
+            Error::Edit(EditError::Exists(_)) => 409,
+            Error::Edit(EditError::NoSpace { .. } | EditError::Full(_)) => 409,
+            Error::Edit(_) => 400,
+            _ => 500,
+        };
+        Response::error(status, chain(&e))
+    }
+
+    fn create(&self, req: &Request) -> Result<Response, Response> {
+        let b: CreateBody = body(req)?;
+        let v = self
+            .store()
+            .create(&b.name, b.size)
+            .map_err(Self::edit_error)?;
+        Ok(Response::json(201, &volume_json(&v, None)))
+    }
+
+    fn grow(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        let b: GrowBody = body(req)?;
+        if self.attached().contains_key(name) {
+            return Err(Response::error(
+                409,
+                format!("Volume {name} is attached; detach before growing"),
+            ));
+        }
+        let v = self.store().grow(name, b.size).map_err(Self::edit_error)?;
+        Ok(Response::json(200, &volume_json(&v, None)))
+    }
+
+    fn delete(&self, name: &str) -> Result<Response, Response> {
+        if self.attached().contains_key(name) {
+            return Err(Response::error(409, format!("Volume {name} is attached")));
+        }
+        self.store().delete(name).map_err(Self::edit_error)?;
+        Ok(Response::empty())
+    }
+
+    fn attach(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        let mut b: AttachBody = body(req)?;
+        let key = b.key_hex.as_deref().map(parse_key).transpose();
+        if let Some(k) = b.key_hex.as_mut() {
+            k.zeroize();
+        }
+        let key = key.map_err(|e| Response::error(400, e))?;
+        let volume = self
+            .store()
+            .table()
+            .volume(name)
+            .cloned()
+            .ok_or_else(|| Response::error(404, format!("No volume {name}")))?;
+        let mut attached = self.attached();
+        if attached.contains_key(name) {
+            return Err(Response::error(
+                409,
+                format!("Volume {name} is already attached"),
+            ));
+        }
+        let dev = VolumeDevice::new(volume, self.backing.clone(), key, limits(b.qos))
+            .map_err(|e| Response::error(400, chain(&e)))?;
+        let dev = Arc::new(dev);
+        let server = Server::start(dev.clone(), &b.socket, b.queues)
+            .map_err(|e| Response::error(400, chain(&e)))?;
+        let socket = server.socket().display().to_string();
+        attached.insert(name.to_owned(), Attachment { dev, server });
+        Ok(Response::json(201, &json!({ "socket": socket })))
+    }
+
+    fn detach(&self, name: &str) -> Result<Response, Response> {
+        let a = self
+            .attached()
+            .remove(name)
+            .ok_or_else(|| Response::error(404, format!("Volume {name} is not attached")))?;
+        // Stopping joins the server, which drops the last handle on the device: the key is
+        // zeroized here.
+        let Attachment { dev, server } = a;
+        let r = server.stop();
+        drop(dev);
+        r.map_err(|e| Response::error(500, chain(&e)))?;
+        Ok(Response::empty())
+    }
+
+    fn qos(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        let b: QosBody = body(req)?;
+        let attached = self.attached();
+        let a = attached
+            .get(name)
+            .ok_or_else(|| Response::error(404, format!("Volume {name} is not attached")))?;
+        a.dev
+            .set_limits(limits(b))
+            .map_err(|e| Response::error(400, chain(&e)))?;
+        Ok(Response::empty())
+    }
+
+    fn stats(&self, name: &str) -> Result<Response, Response> {
+        let attached = self.attached();
+        let a = attached
+            .get(name)
+            .ok_or_else(|| Response::error(404, format!("Volume {name} is not attached")))?;
+        let c = a.dev.counters.snapshot();
+        Ok(Response::json(
+            200,
+            &json!({
+                "read_ops": c.read_ops, "write_ops": c.write_ops,
+                "read_bytes": c.read_bytes, "write_bytes": c.write_bytes,
+                "flushes": c.flushes, "discards": c.discards, "write_zeroes": c.write_zeroes,
+                "errors": c.errors, "throttled_ns": c.throttled_ns, "queue_depth": c.queue_depth,
+            }),
+        ))
+    }
+}
+
+fn connection(card: &Card, mut stream: UnixStream) {
+    let response = match http::read_request(&mut stream) {
+        Ok(req) => card.handle(&req),
+        Err(r) => r,
+    };
+    http::write_response(&mut stream, &response);
+}
+
+/// Serves the API on `socket` (mode 0600) until the process ends.
+pub fn serve(card: Arc<Card>, socket: &Path) -> Result<()> {
+    let _ = std::fs::remove_file(socket);
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("Cannot bind {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    log::info!("Control API on {}", socket.display());
+    for stream in listener.incoming() {
+        match stream {
+            Ok(s) => {
+                let card = card.clone();
+                if let Err(e) = std::thread::Builder::new()
+                    .name("api".into())
+                    .spawn(move || connection(&card, s))
+                {
+                    log::warn!("Cannot start an API thread: {e}");
+                }
+            }
+            Err(e) => log::warn!("API accept failed: {e}"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every route the router knows is described in the OpenAPI document, and vice versa.
+    #[test]
+    fn openapi_document_matches_the_router() {
+        let doc = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../openapi/outboard-card.yaml"
+        ))
+        .unwrap();
+        let documented: Vec<&str> = doc
+            .lines()
+            .filter(|l| l.starts_with("  /"))
+            .map(|l| l.trim().trim_end_matches(':'))
+            .collect();
+        let routed = [
+            "/volumes",
+            "/volumes/{name}",
+            "/volumes/{name}/attachment",
+            "/volumes/{name}/qos",
+            "/volumes/{name}/stats",
+        ];
+        assert_eq!(documented, routed);
+    }
+
+    #[test]
+    fn keys_parse_strictly() {
+        let good = "0f".repeat(32) + &"f0".repeat(32);
+        assert!(parse_key(&good).is_ok());
+        assert!(parse_key(&good[2..]).is_err());
+        assert!(parse_key(&("0g".repeat(32) + &"f0".repeat(32))).is_err());
+        assert!(
+            parse_key(&"ab".repeat(64)).is_err(),
+            "equal halves are weak"
+        );
+    }
+}

@@ -1,0 +1,418 @@
+//! End to end: a Linux guest under QEMU (TCG) runs fio with verification on a volume served by
+//! `outboard-card attach`, then the backing store is inspected from outside.
+//!
+//! Needs qemu-system-x86_64 and the guest image (`cargo xtask guest` → target/guest); prints
+//! `SKIP:` and returns where either is missing.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use outboard_card_storage::table::VolumeStore;
+use outboard_card_storage::xts::{Xts, XtsKey, SECTOR};
+
+const CARD: &str = env!("CARGO_BIN_EXE_outboard-card");
+
+fn guest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
+}
+
+fn prerequisites() -> bool {
+    let g = guest_dir();
+    if !g.join("vmlinuz").exists() || !g.join("initramfs.img").exists() {
+        eprintln!(
+            "SKIP: no guest image in {} (run `cargo xtask guest`)",
+            g.display()
+        );
+        return false;
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: qemu-system-x86_64 not installed");
+        return false;
+    }
+    true
+}
+
+/// A child process killed if a test fails while it runs (taken out to wait for it normally).
+struct Reap(Option<Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("outboard-card-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn card(args: &[&str]) -> String {
+    let out = Command::new(CARD).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "outboard-card {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "socket {} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_exit(mut child: Child, limit: Duration) -> (bool, String) {
+    let t = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            if let Some(mut s) = child.stdout.take() {
+                s.read_to_string(&mut out).unwrap();
+            }
+            if let Some(mut s) = child.stderr.take() {
+                s.read_to_string(&mut out).unwrap();
+            }
+            return (status.success(), out);
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn run_guest(sock: &Path, run: &str, extra: &str) -> String {
+    let g = guest_dir();
+    let child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-M",
+            "q35",
+            "-m",
+            "512",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .args(["-chardev", &format!("socket,id=c0,path={}", sock.display())])
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
+        .arg("-kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(g.join("initramfs.img"))
+        .args([
+            "-append",
+            &format!("console=ttyS0 outboard.run={run} {extra}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, out) = wait_exit(child, Duration::from_secs(300));
+    out
+}
+
+/// Counts 4 KiB blocks that start with fio's verify header magic (0xacca, little-endian).
+fn fio_blocks(data: &[u8]) -> usize {
+    data.chunks_exact(SECTOR)
+        .filter(|b| b[0] == 0xca && b[1] == 0xac)
+        .count()
+}
+
+/// A store with volumes vm1 and vm2 (64 MiB each) and a key file.
+fn setup(dir: &TempDir) -> (PathBuf, PathBuf, Vec<u8>) {
+    let store = dir.0.join("store");
+    let key_path = dir.0.join("key");
+    std::fs::File::create(&store)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let key: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(101).wrapping_add(7))
+        .collect();
+    std::fs::write(&key_path, &key).unwrap();
+    let s = store.to_str().unwrap();
+    card(&["volume", "--backing", s, "format"]);
+    card(&["volume", "--backing", s, "create", "vm1", "64M"]);
+    card(&["volume", "--backing", s, "create", "vm2", "64M"]);
+    (store, key_path, key)
+}
+
+/// Serves `volume` (encrypted, two queues, `extra` card flags) to one guest running fio-verify with
+/// `fio` parameters; returns the fio result line.
+fn fio_run(
+    store: &Path,
+    volume: &str,
+    key_path: &Path,
+    sock: &Path,
+    extra: &[&str],
+    fio: &str,
+) -> String {
+    let mut attach = Reap(Some(
+        Command::new(CARD)
+            .args([
+                "attach",
+                "--backing",
+                store.to_str().unwrap(),
+                "--volume",
+                volume,
+                "--socket",
+            ])
+            .arg(sock)
+            .arg("--key-file")
+            .arg(key_path)
+            .args(["--queues", "2", "--once"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(sock);
+    let console = run_guest(sock, "fio-verify", fio);
+    let (ok, card_log) = wait_exit(
+        attach.0.take().expect("card process"),
+        Duration::from_secs(30),
+    );
+    assert!(ok, "card failed: {card_log}");
+    let result = console
+        .lines()
+        .find(|l| l.starts_with("OUTBOARD_FIO_RESULT"))
+        .unwrap_or_else(|| {
+            panic!("no fio result; console:\n{console}\ncard:\n{card_log}");
+        });
+    assert!(result.contains("status=ok"), "{result}\n{console}");
+    assert!(result.contains("errors=0"), "{result}");
+    result.to_owned()
+}
+
+#[test]
+fn fio_verify_on_an_encrypted_volume() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("fio");
+    let (store, key_path, key) = setup(&dir);
+    let fio = "outboard.fio.size=16M outboard.fio.iodepth=16";
+    fio_run(&store, "vm1", &key_path, &dir.0.join("vm1.sock"), &[], fio);
+
+    // From outside: the volume's extent holds ciphertext only; decrypting it with the key
+    // (XTS, tweak = 4 KiB sector) yields fio's verify blocks; vm2 was never touched.
+    let vs = VolumeStore::open(&store).unwrap();
+    let raw = std::fs::read(&store).unwrap();
+    let vm1 = vs.table().volume("vm1").unwrap();
+    let e = vm1.extents[0];
+    assert_eq!(vm1.extents.len(), 1);
+    let region = &raw[e.physical as usize..(e.physical + e.length) as usize];
+    assert_eq!(
+        fio_blocks(region),
+        0,
+        "plaintext fio blocks found in the backing store"
+    );
+    let mut plain = region[..16 << 20].to_vec();
+    Xts::new(&XtsKey::from_bytes(&key).unwrap())
+        .unwrap()
+        .decrypt(0, &mut plain)
+        .unwrap();
+    let found = fio_blocks(&plain);
+    assert!(found > 4000, "only {found} fio blocks after decryption");
+    let vm2 = vs.table().volume("vm2").unwrap().extents[0];
+    assert!(
+        raw[vm2.physical as usize..(vm2.physical + vm2.length) as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+}
+
+#[test]
+fn throttled_volume_still_verifies_and_is_paced() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("throttle");
+    let (store, key_path, _) = setup(&dir);
+    // 4 MiB of 4 KiB writes then reads: 2048 I/Os at 200 IOPS take at least 10 s (the burst is
+    // 20); excess I/O waits, it never fails.
+    let t = Instant::now();
+    fio_run(
+        &store,
+        "vm1",
+        &key_path,
+        &dir.0.join("vm1.sock"),
+        &["--iops", "200"],
+        "outboard.fio.size=4M outboard.fio.iodepth=16",
+    );
+    assert!(t.elapsed() >= Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// Two VMs at once, each on its own volume with its own key: both verify, each volume's extent
+/// decrypts to fio data only with its own key, and neither holds plaintext.
+#[test]
+fn two_vms_are_isolated() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("two");
+    let (store, key1_path, key1) = setup(&dir);
+    let key2: Vec<u8> = (0..64u8)
+        .map(|i| i.wrapping_mul(37).wrapping_add(191))
+        .collect();
+    let key2_path = dir.0.join("key2");
+    std::fs::write(&key2_path, &key2).unwrap();
+    let fio = "outboard.fio.size=8M outboard.fio.iodepth=8";
+    std::thread::scope(|s| {
+        let a = s.spawn(|| fio_run(&store, "vm1", &key1_path, &dir.0.join("vm1.sock"), &[], fio));
+        let b = s.spawn(|| fio_run(&store, "vm2", &key2_path, &dir.0.join("vm2.sock"), &[], fio));
+        a.join().unwrap();
+        b.join().unwrap();
+    });
+    let vs = VolumeStore::open(&store).unwrap();
+    let raw = std::fs::read(&store).unwrap();
+    let region = |name: &str| {
+        let e = vs.table().volume(name).unwrap().extents[0];
+        raw[e.physical as usize..(e.physical + (8 << 20)) as usize].to_vec()
+    };
+    let decrypt = |data: &[u8], key: &[u8]| {
+        let mut d = data.to_vec();
+        Xts::new(&XtsKey::from_bytes(key).unwrap())
+            .unwrap()
+            .decrypt(0, &mut d)
+            .unwrap();
+        fio_blocks(&d)
+    };
+    for (name, own, other) in [("vm1", &key1, &key2), ("vm2", &key2, &key1)] {
+        let r = region(name);
+        assert_eq!(fio_blocks(&r), 0, "{name}: plaintext in the store");
+        assert!(decrypt(&r, own) > 1500, "{name}: own key does not decrypt");
+        assert_eq!(
+            decrypt(&r, other),
+            0,
+            "{name}: the other VM's key decrypts it"
+        );
+    }
+}
+
+/// One HTTP request to the card's control API; returns (status, body).
+fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// The daemon path: `outboard-card serve`, a volume created and attached (with a key and a
+/// QoS limit) through the REST API, a Linux guest verifying with fio, stats, detach.
+#[test]
+fn guest_on_a_volume_attached_through_the_api() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("api");
+    let store = dir.0.join("store");
+    std::fs::File::create(&store)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    card(&["volume", "--backing", store.to_str().unwrap(), "format"]);
+    let api_sock = dir.0.join("api.sock");
+    let daemon = Command::new(CARD)
+        .args(["serve", "--backing", store.to_str().unwrap(), "--api"])
+        .arg(&api_sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = Reap(Some(daemon));
+    wait_for(&api_sock);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        api(
+            &api_sock,
+            "POST",
+            "/volumes",
+            r#"{"name":"vm1","size":67108864}"#
+        )
+        .0,
+        201
+    );
+    let vm_sock = dir.0.join("vm1.sock");
+    let key = "5a".repeat(32) + &"c3".repeat(32);
+    let body = format!(
+        r#"{{"socket":"{}","key_hex":"{key}","queues":2,"qos":{{"iops":5000}}}}"#,
+        vm_sock.display()
+    );
+    let (st, text) = api(&api_sock, "PUT", "/volumes/vm1/attachment", &body);
+    assert_eq!(st, 201, "{text}");
+    let console = run_guest(
+        &vm_sock,
+        "fio-verify",
+        "outboard.fio.size=8M outboard.fio.iodepth=16",
+    );
+    let result = console
+        .lines()
+        .find(|l| l.starts_with("OUTBOARD_FIO_RESULT"))
+        .unwrap_or_else(|| panic!("no fio result:\n{console}"));
+    assert!(
+        result.contains("status=ok") && result.contains("errors=0"),
+        "{result}"
+    );
+    let (st, stats) = api(&api_sock, "GET", "/volumes/vm1/stats", "");
+    assert_eq!(st, 200);
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(stats["write_ops"].as_u64().unwrap() >= 2048, "{stats}");
+    assert!(stats["read_ops"].as_u64().unwrap() >= 2048, "{stats}");
+    assert_eq!(
+        api(&api_sock, "DELETE", "/volumes/vm1/attachment", "").0,
+        204
+    );
+    assert!(!vm_sock.exists());
+}
