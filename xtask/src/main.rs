@@ -8,10 +8,14 @@
 //! | `run` | the README's main job: boots a guest under outboard-vmm |
 //! | `test [--slow]` | the README's test command: set-up, guest images, fmt, clippy, all tests (`--slow`: also the tiny kernel and the ignored slow tests) |
 //! | `bench boot` | boot benchmark against QEMU; ends with a `RESULT` line |
+//! | `bench disk` | VMM CPU and wake-ups per I/O of a vhost-user disk, against QEMU; `RESULT disk` line |
 //! | `bench attest` | phase-1 measurement and attestation document cost |
+//! | `bench storage` | card storage vs qemu-storage-daemon through one load generator |
 
 mod bench_attest;
 mod bench_boot;
+mod bench_disk;
+mod bench_storage;
 mod guest_linux;
 mod guest_test;
 mod guest_tiny;
@@ -30,8 +34,10 @@ fn main() -> Result<()> {
         Some("test") => test(&rest),
         Some("bench") => match rest.first().copied() {
             Some("boot") => bench_boot::run(&rest[1..]),
+            Some("disk") => bench_disk::run(&rest[1..]),
             Some("attest") => bench_attest::run(&rest[1..]),
-            other => bail!("Unknown benchmark {other:?}; known: boot, attest"),
+            Some("storage") => bench_storage::run(&rest[1..]),
+            other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk"),
         },
         _ => {
             eprintln!("usage: cargo xtask <setup|guest|run|test|bench NAME>");

@@ -10,6 +10,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/qemu-storage-daemon", "qemu-system-common"),
     ("/usr/bin/dpkg-deb", "dpkg"),
     ("/usr/bin/fio", "fio"),
+    // The storage benchmark formats qemu-storage-daemon's LUKS peer image.
+    ("/usr/bin/qemu-img", "qemu-utils"),
     // depmod indexes the guest kernel's modules (cargo xtask guest).
     ("/usr/sbin/depmod", "kmod"),
     // openssl-sys (card XTS, attestation keys) links Debian's libssl.

@@ -377,17 +377,28 @@ fn bad_device_options_are_refused() {
 
 #[test]
 fn net_exchange_against_a_vhost_user_echo_backend() {
-    const TEST: &str = "net_exchange_against_a_vhost_user_echo_backend";
-    if !kvm_available(TEST) {
+    net_exchange("net_exchange_against_a_vhost_user_echo_backend", false);
+}
+
+#[test]
+fn net_exchange_with_msix_interrupts() {
+    net_exchange("net_exchange_with_msix_interrupts", true);
+}
+
+fn net_exchange(test: &str, irq: bool) {
+    if !kvm_available(test) {
         return;
     }
-    let scratch = Scratch::new(TEST);
+    let scratch = Scratch::new(test);
     let socket = scratch.path("net.sock");
     let echo = std::sync::Arc::new(net_echo::Echo::default());
     let _backend = net_echo::serve(socket.clone(), echo.clone());
     let frames = 64;
     let vm = testguest(Some("net-exchange"))
-        .cmdline(&format!("outboard.net_echo=1 outboard.net_frames={frames}"))
+        .cmdline(&format!(
+            "outboard.net_echo=1 outboard.net_frames={frames} outboard.virtio_irq={}",
+            u8::from(irq)
+        ))
         .args([
             "--net",
             &format!("socket={},mac=52:54:00:12:34:56", socket.display()),
@@ -405,10 +416,129 @@ fn net_exchange_against_a_vhost_user_echo_backend() {
     assert_eq!(r["sent"], frames.to_string());
     assert_eq!(r["received"], frames.to_string());
     assert_eq!((r["lost"].as_str(), r["duplicated"].as_str()), ("0", "0"));
+    if irq {
+        let irqs: u32 = r["irqs"].parse().unwrap();
+        assert!(
+            irqs > 0,
+            "the backend's calls reached the guest as MSI-X: {r:?}"
+        );
+    }
     assert_eq!(exit_code(&vm), 0);
     assert_eq!(
         *echo.echoed.lock().unwrap(),
         frames,
         "frames the backend echoed"
     );
+}
+
+#[test]
+fn pause_and_resume_mid_io_lose_nothing() {
+    const TEST: &str = "pause_and_resume_mid_io_lose_nothing";
+    if !kvm_available(TEST) || !have_qsd(TEST) {
+        return;
+    }
+    let scratch = Scratch::new(TEST);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    let _qsd = serve_disk(&img, &sock, 2);
+    let rounds = 8;
+    let (vm, api) = common::with_api(
+        testguest(Some("blk-loop"))
+            .cmdline(&format!(
+                "outboard.blk_queues=2 outboard.blk_every=64 outboard.blk_sectors=512 \
+                 outboard.blk_rounds={rounds}"
+            ))
+            .args(["--disk", &disk_arg(&sock, 2)]),
+        TEST,
+    );
+    vm.wait_for_line("OUTBOARD_BLK_PROGRESS round=1 ", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", vm.lines()));
+    for _ in 0..3 {
+        // Pause stops the vCPUs and the backend's rings (GET_VRING_BASE); resume restarts the
+        // rings where they stopped.
+        let (code, body) = api
+            .request("PATCH", "/vm", Some(r#"{"state":"Paused"}"#))
+            .unwrap();
+        assert_eq!(code, 204, "{body}");
+        std::thread::sleep(Duration::from_millis(200));
+        let (code, body) = api
+            .request("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#))
+            .unwrap();
+        assert_eq!(code, 204, "{body}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (code, body) = api.request("GET", "/metrics", None).unwrap();
+    assert_eq!(code, 200, "{body}");
+    let metrics: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let blk = &metrics["devices"]["virtio-blk0"];
+    assert_eq!(blk["activations"], 1, "{metrics}");
+    assert_eq!(blk["needs_reset"], 0, "{metrics}");
+    assert_eq!(blk["backend_errors"], 0, "{metrics}");
+    assert!(metrics["devices"]["pci-root"]["config_reads"].as_u64() > Some(0));
+    let r = result(&vm, "OUTBOARD_BLK_RESULT");
+    assert_eq!(r["ok"], "1", "{r:?}\n{}", vm.stderr());
+    assert_eq!(r["errors"], "0");
+    assert_eq!(r["verified"], (rounds * 64).to_string());
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+}
+
+/// `cargo xtask guest --tiny-kernel`'s image, or the one OUTBOARD_TINY_KERNEL names.
+fn tiny_kernel() -> PathBuf {
+    std::env::var_os("OUTBOARD_TINY_KERNEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| outboard_guest_harness::guest_dir().join("tiny-vmlinux"))
+}
+
+#[test]
+#[ignore = "slow: boots the tiny kernel (~1 min under PVM); run with cargo xtask test --slow"]
+fn linux_enumerates_our_pci_bus_and_probes_virtio_blk_and_net() {
+    const TEST: &str = "linux_enumerates_our_pci_bus_and_probes_virtio_blk_and_net";
+    if !kvm_available(TEST) || !have_qsd(TEST) {
+        return;
+    }
+    let kernel = tiny_kernel();
+    assert!(
+        kernel.is_file(),
+        "Tiny kernel {} is missing: run `cargo xtask guest --tiny-kernel` first",
+        kernel.display()
+    );
+    let scratch = Scratch::new(TEST);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    let _qsd = serve_disk(&img, &sock, 1);
+    let net_sock = scratch.path("net.sock");
+    let _net = net_echo::serve(
+        net_sock.clone(),
+        std::sync::Arc::new(net_echo::Echo::default()),
+    );
+    let vm = outboard_guest_harness::GuestCommand::new(common::vmm())
+        .kernel(&kernel)
+        .cmdline(
+            "console=ttyS0 earlyprintk=serial noxsave \
+             clearcpuid=141,150,151,158,288,306,308,534 panic=-1",
+        )
+        .memory_mib(256)
+        .args(["--disk", &disk_arg(&sock, 1)])
+        .args(["--net", &format!("socket={}", net_sock.display())])
+        .spawn()
+        .unwrap();
+    let boot = Duration::from_secs(600);
+    let wait = |pattern: &str| {
+        vm.wait_for_line(pattern, boot)
+            .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", vm.stderr()))
+    };
+    wait("ACPI: MCFG");
+    wait("PCI: MMCONFIG for domain 0000 [bus 00-00] at [mem 0xe0000000-0xe00fffff]");
+    wait("ACPI: PCI Root Bridge [PCI0]");
+    wait("pci 0000:00:01.0: [1af4:1042]");
+    wait("pci 0000:00:02.0: [1af4:1041]");
+    let vda = wait("virtio_blk virtio0: [vda]");
+    assert!(
+        vda.contains(&format!("{} 512-byte logical blocks", DISK_BYTES / SECTOR)),
+        "{vda}"
+    );
+    wait("VFS: Unable to mount root fs");
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(120)).unwrap().code(),
+        Some(0)
+    );
+    common::assert_no_panic(&vm);
 }
