@@ -3,8 +3,8 @@
 
 use crate::ApiError;
 use outboard_api_types::{
-    ActionType, BootSource, InstanceActionInfo, MachineConfig, RequestedVmState, SerialConfig,
-    VmStatePatch,
+    ActionType, BootSource, DiskConfig, InstanceActionInfo, MachineConfig, NetConfig,
+    RequestedVmState, SerialConfig, VmStatePatch, VsockConfig,
 };
 use serde::de::DeserializeOwned;
 
@@ -25,6 +25,12 @@ pub enum ApiRequest {
     PutBootSource(BootSource),
     /// `PUT /serial`
     PutSerial(SerialConfig),
+    /// `PUT /disks`
+    PutDisk(DiskConfig),
+    /// `PUT /network-interfaces`
+    PutNet(NetConfig),
+    /// `PUT /vsock`
+    PutVsock(VsockConfig),
     /// `PUT /actions`
     Action(ActionType),
     /// `PATCH /vm`
@@ -48,6 +54,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/machine-config"),
     ("PUT", "/boot-source"),
     ("PUT", "/serial"),
+    ("PUT", "/disks"),
+    ("PUT", "/network-interfaces"),
+    ("PUT", "/vsock"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
     ("GET", "/attestation"),
@@ -71,6 +80,9 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiRequest, ApiE
         ("PUT", "/machine-config") => ApiRequest::PutMachineConfig(json(body)?),
         ("PUT", "/boot-source") => ApiRequest::PutBootSource(json(body)?),
         ("PUT", "/serial") => ApiRequest::PutSerial(json(body)?),
+        ("PUT", "/disks") => ApiRequest::PutDisk(json(body)?),
+        ("PUT", "/network-interfaces") => ApiRequest::PutNet(json(body)?),
+        ("PUT", "/vsock") => ApiRequest::PutVsock(json(body)?),
         ("PUT", "/actions") => ApiRequest::Action(json::<InstanceActionInfo>(body)?.action_type),
         ("PATCH", "/vm") => ApiRequest::PatchVm(json::<VmStatePatch>(body)?.state),
         ("GET", "/attestation") => ApiRequest::GetAttestation {

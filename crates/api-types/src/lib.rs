@@ -53,6 +53,50 @@ pub struct SerialConfig {
     pub output: Option<PathBuf>,
 }
 
+/// `PUT /disks`: adds a virtio-blk disk served by a vhost-user-blk backend (the card, or any
+/// other backend) listening on `socket`. Only before the VM is loaded; disks take PCI slots in
+/// the order they are added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The backend's Unix socket.
+    pub socket: PathBuf,
+    /// Request queues (default 1; the backend must offer at least as many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// Descriptors per queue, a power of two (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+}
+
+/// `PUT /network-interfaces`: adds a virtio-net NIC served by a vhost-user-net backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The backend's Unix socket.
+    pub socket: PathBuf,
+    /// The guest MAC, `aa:bb:cc:dd:ee:ff` (unicast); absent lets the backend choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// Virtqueues, an RX/TX pair per queue pair (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_queues: Option<u16>,
+    /// Descriptors per queue, a power of two (default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_size: Option<u16>,
+}
+
+/// `PUT /vsock`: the VM's vsock device (Firecracker's hybrid model: guest port P connects to
+/// the Unix socket `<uds_path>_P`; host clients connect to `uds_path` and send `CONNECT <port>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// The host-side Unix socket path.
+    pub uds_path: PathBuf,
+}
+
 /// `PUT /actions`: a one-shot action on the instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

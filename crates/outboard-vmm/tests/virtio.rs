@@ -542,3 +542,79 @@ fn linux_enumerates_our_pci_bus_and_probes_virtio_blk_and_net() {
     );
     common::assert_no_panic(&vm);
 }
+
+#[test]
+fn disks_added_through_the_api_carry_data_and_bad_ones_are_refused() {
+    const TEST: &str = "disks_added_through_the_api";
+    if !kvm_available(TEST) || !have_qsd(TEST) {
+        return;
+    }
+    let scratch = Scratch::new(TEST);
+    let (img, sock) = (image(&scratch), scratch.path("vub.sock"));
+    let _qsd = serve_disk(&img, &sock, 2);
+    let (vm, api) = common::with_api(
+        outboard_guest_harness::GuestCommand::new(common::vmm()),
+        TEST,
+    );
+    let req = |m: &str, p: &str, b: &str| api.request(m, p, Some(b)).unwrap();
+
+    // Refused before anything is added: unknown fields, bad values, unrepresentable paths.
+    common::assert_fault(
+        req("PUT", "/disks", r#"{"socket":"/x","queues":2}"#),
+        400,
+        "unknown field",
+    );
+    common::assert_fault(
+        req("PUT", "/disks", r#"{"socket":"/x","num_queues":0}"#),
+        400,
+        "num_queues",
+    );
+    common::assert_fault(
+        req("PUT", "/disks", r#"{"socket":"/x","queue_size":100}"#),
+        400,
+        "queue_size",
+    );
+    common::assert_fault(
+        req("PUT", "/disks", r#"{"socket":"/a,b"}"#),
+        400,
+        "without ','",
+    );
+    common::assert_fault(
+        req(
+            "PUT",
+            "/network-interfaces",
+            r#"{"socket":"/x","mac":"01:00:00:00:00:01"}"#,
+        ),
+        400,
+        "multicast",
+    );
+    common::assert_fault(
+        req("PUT", "/vsock", r#"{"cid":2,"uds_path":"/x"}"#),
+        400,
+        "cid",
+    );
+
+    let disk = serde_json::json!({"socket": sock, "num_queues": 2}).to_string();
+    assert_eq!(req("PUT", "/disks", &disk).0, 204);
+    let guest = outboard_guest_harness::testguest_path();
+    outboard_guest_harness::require_guest_image(&guest);
+    let (blocks, seed) = (64u64, 77u64);
+    let boot = serde_json::json!({
+        "kernel_image_path": guest,
+        "boot_args": format!(
+            "outboard.run=blk-verify outboard.blk_queues=2 outboard.blk_sectors={blocks} outboard.blk_seed={seed}"
+        ),
+    })
+    .to_string();
+    assert_eq!(req("PUT", "/boot-source", &boot).0, 204);
+    assert_eq!(
+        req("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#).0,
+        204
+    );
+    let r = result(&vm, "OUTBOARD_BLK_RESULT");
+    assert_eq!(r["ok"], "1", "{r:?}");
+    assert_eq!(r["queues"], "2");
+    assert_eq!(r["verified"], blocks.to_string());
+    assert_eq!(exit_code(&vm), 0, "stderr:\n{}", vm.stderr());
+    assert_blocks_on_disk(&img, blocks, seed);
+}

@@ -27,9 +27,9 @@
 //! | explicit phase 1 (`InstanceLoad`, `--no-start`) without either | at phase 1 | yes (event log only) |
 //! | one-shot start (`--kernel`, `InstanceStart` from `NotStarted`) without either | never | no |
 //!
-//! PCR5's canonical configuration lists the vCPUs, the memory size and the devices with a backend
-//! of their own (none yet); the fixed legacy devices (UART, i8042, PM1, debug port) are part of
-//! the VMM binary, which PCR0 covers.
+//! PCR5's canonical configuration lists the vCPUs, the memory size and the virtio devices with
+//! the identity of their backends (socket paths), in PCI slot order; the fixed legacy devices
+//! (UART, i8042, PM1, debug port) are part of the VMM binary, which PCR0 covers.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -413,10 +413,47 @@ fn not_measured() -> ApiError {
 /// PCR5's input for `config`, in the JSON form of `outboard_attest::CanonicalVmConfig` (see the
 /// module documentation for what it lists).
 pub fn canonical_config(config: &VmmConfig) -> serde_json::Value {
+    let d = &config.devices;
+    let mut devices = Vec::new();
+    // Attach order, the order PCI slots are given in: disks, NICs, vsock.
+    for (i, disk) in d.disks.iter().enumerate() {
+        devices.push(serde_json::json!({
+            "kind": "virtio-blk",
+            "id": format!("virtio-blk{i}"),
+            "backend": format!("vhost-user:{}", disk.socket.display()),
+            "properties": {
+                "num_queues": disk.num_queues.to_string(),
+                "queue_size": disk.queue_size.to_string(),
+            },
+        }));
+    }
+    for (i, net) in d.nets.iter().enumerate() {
+        let mac = net.mac.map(|m| {
+            m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+        });
+        devices.push(serde_json::json!({
+            "kind": "virtio-net",
+            "id": format!("virtio-net{i}"),
+            "backend": format!("vhost-user:{}", net.socket.display()),
+            "properties": {
+                "mac": mac.unwrap_or_default(),
+                "num_queues": net.num_queues.to_string(),
+                "queue_size": net.queue_size.to_string(),
+            },
+        }));
+    }
+    if let Some(vsock) = &d.vsock {
+        devices.push(serde_json::json!({
+            "kind": "virtio-vsock",
+            "id": "virtio-vsock0",
+            "backend": format!("uds:{}", vsock.uds_path.display()),
+            "properties": { "cid": vsock.cid.to_string() },
+        }));
+    }
     serde_json::json!({
         "vcpus": config.machine.vcpu_count,
         "memory_bytes": config.mem_bytes(),
-        "devices": [],
+        "devices": devices,
     })
 }
 

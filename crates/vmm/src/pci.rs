@@ -54,6 +54,55 @@ pub struct DeviceConfig {
     pub vsock: Option<VsockConfig>,
 }
 
+impl DeviceConfig {
+    /// Adds a disk given through the API, validated exactly as `--disk` is.
+    pub fn add_disk(&mut self, api: &outboard_api_types::DiskConfig) -> Result<(), String> {
+        let mut opts = option_string(&api.socket)?;
+        push_opt(&mut opts, "num_queues", api.num_queues);
+        push_opt(&mut opts, "queue_size", api.queue_size);
+        self.disks
+            .push(opts.parse().map_err(|e| format!("Invalid disk: {e}"))?);
+        Ok(())
+    }
+
+    /// Adds a NIC given through the API, validated exactly as `--net` is.
+    pub fn add_net(&mut self, api: &outboard_api_types::NetConfig) -> Result<(), String> {
+        let mut opts = option_string(&api.socket)?;
+        push_opt(&mut opts, "mac", api.mac.as_deref());
+        push_opt(&mut opts, "num_queues", api.num_queues);
+        push_opt(&mut opts, "queue_size", api.queue_size);
+        self.nets.push(
+            opts.parse()
+                .map_err(|e| format!("Invalid network interface: {e}"))?,
+        );
+        Ok(())
+    }
+
+    /// Sets the vsock device given through the API, validated exactly as `--vsock` is.
+    pub fn set_vsock(&mut self, api: &outboard_api_types::VsockConfig) -> Result<(), String> {
+        let mut opts = format!("cid={}", api.cid);
+        let path = api.uds_path.to_str().filter(|p| !p.contains([',', '=']));
+        let path = path.ok_or("Vsock paths must be UTF-8 without ',' or '='")?;
+        opts.push_str(&format!(",uds_path={path}"));
+        self.vsock = Some(opts.parse().map_err(|e| format!("Invalid vsock: {e}"))?);
+        Ok(())
+    }
+}
+
+/// `socket=PATH` for the option parsers, which split on ',' and '='.
+fn option_string(socket: &std::path::Path) -> Result<String, String> {
+    match socket.to_str() {
+        Some(p) if !p.contains([',', '=']) => Ok(format!("socket={p}")),
+        _ => Err("Socket paths must be UTF-8 without ',' or '='".into()),
+    }
+}
+
+fn push_opt(opts: &mut String, key: &str, value: Option<impl std::fmt::Display>) {
+    if let Some(v) = value {
+        opts.push_str(&format!(",{key}={v}"));
+    }
+}
+
 /// The table id of our MCFG.
 const MCFG_TABLE_ID: [u8; 8] = *b"OBVMMCFG";
 

@@ -374,6 +374,30 @@ impl Vmm {
                 self.config.serial = serial;
                 Ok(ApiResponse::NoContent)
             }
+            ApiRequest::PutDisk(disk) => {
+                self.require_not_started("disks")?;
+                self.config
+                    .devices
+                    .add_disk(&disk)
+                    .map_err(ApiError::bad_request)?;
+                Ok(ApiResponse::NoContent)
+            }
+            ApiRequest::PutNet(net) => {
+                self.require_not_started("network interfaces")?;
+                self.config
+                    .devices
+                    .add_net(&net)
+                    .map_err(ApiError::bad_request)?;
+                Ok(ApiResponse::NoContent)
+            }
+            ApiRequest::PutVsock(vsock) => {
+                self.require_not_started("vsock")?;
+                self.config
+                    .devices
+                    .set_vsock(&vsock)
+                    .map_err(ApiError::bad_request)?;
+                Ok(ApiResponse::NoContent)
+            }
             ApiRequest::Action(ActionType::InstanceLoad) => self.api_launch(false),
             ApiRequest::Action(ActionType::InstanceStart) => self.api_launch(true),
             ApiRequest::Action(ActionType::InstanceStop) => {
