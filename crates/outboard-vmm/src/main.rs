@@ -5,6 +5,7 @@
 //! (triple fault, KVM internal error, unhandled exit); 1 for any VMM error.
 
 mod cli;
+mod logger;
 
 use anyhow::{Context, Result};
 use outboard_api_server::ApiServer;
@@ -16,6 +17,7 @@ kernels and the Outboard test guest run here; a stock Linux kernel will not";
 
 fn main() {
     trace::mark_process_start();
+    logger::init();
     let code = match run() {
         Ok(code) => code,
         Err(e) => {
