@@ -177,6 +177,15 @@ pub struct VmConfig {
     pub boot_source: Option<BootSource>,
     /// Console destination.
     pub serial: SerialConfig,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in PCI slot order after the disks.
+    #[serde(default)]
+    pub network_interfaces: Vec<NetConfig>,
+    /// The vsock device, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// `GET /version`.

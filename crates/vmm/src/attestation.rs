@@ -428,9 +428,7 @@ pub fn canonical_config(config: &VmmConfig) -> serde_json::Value {
         }));
     }
     for (i, net) in d.nets.iter().enumerate() {
-        let mac = net.mac.map(|m| {
-            m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-        });
+        let mac = net.mac.as_ref().map(crate::pci::mac_string);
         devices.push(serde_json::json!({
             "kind": "virtio-net",
             "id": format!("virtio-net{i}"),

@@ -68,6 +68,35 @@ impl VmmConfig {
             machine_config: self.machine.clone(),
             boot_source: self.boot.clone(),
             serial: self.serial.clone(),
+            disks: self
+                .devices
+                .disks
+                .iter()
+                .map(|d| outboard_api_types::DiskConfig {
+                    socket: d.socket.clone(),
+                    num_queues: Some(d.num_queues),
+                    queue_size: Some(d.queue_size),
+                })
+                .collect(),
+            network_interfaces: self
+                .devices
+                .nets
+                .iter()
+                .map(|n| outboard_api_types::NetConfig {
+                    socket: n.socket.clone(),
+                    mac: n.mac.as_ref().map(crate::pci::mac_string),
+                    num_queues: Some(n.num_queues),
+                    queue_size: Some(n.queue_size),
+                })
+                .collect(),
+            vsock: self
+                .devices
+                .vsock
+                .as_ref()
+                .map(|v| outboard_api_types::VsockConfig {
+                    cid: v.cid,
+                    uds_path: v.uds_path.clone(),
+                }),
         }
     }
 

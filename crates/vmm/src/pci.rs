@@ -89,6 +89,14 @@ impl DeviceConfig {
     }
 }
 
+/// A MAC as `aa:bb:cc:dd:ee:ff`, the form `--net mac=` and the API take.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// `socket=PATH` for the option parsers, which split on ',' and '='.
 fn option_string(socket: &std::path::Path) -> Result<String, String> {
     match socket.to_str() {
