@@ -3,8 +3,8 @@
 
 use crate::ApiError;
 use outboard_api_types::{
-    ActionType, BootSource, DiskConfig, InstanceActionInfo, MachineConfig, NetConfig,
-    RequestedVmState, SerialConfig, VmStatePatch, VsockConfig,
+    ActionType, BootSource, DiskConfig, InstanceActionInfo, LiveUpdate, MachineConfig, NetConfig,
+    RequestedVmState, SerialConfig, SnapshotCreate, VmStatePatch, VsockConfig,
 };
 use serde::de::DeserializeOwned;
 
@@ -35,6 +35,10 @@ pub enum ApiRequest {
     Action(ActionType),
     /// `PATCH /vm`
     PatchVm(RequestedVmState),
+    /// `PUT /snapshot/create`
+    CreateSnapshot(SnapshotCreate),
+    /// `PUT /live-update`
+    LiveUpdate(LiveUpdate),
     /// `GET /attestation?nonce=<hex>&user_data=<hex>&public_key=<hex>`: the raw query string
     /// (without `?`), parsed by the VMM's attestation code.
     GetAttestation {
@@ -59,6 +63,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vsock"),
     ("PUT", "/actions"),
     ("PATCH", "/vm"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/live-update"),
     ("GET", "/attestation"),
     ("GET", "/attestation/event-log"),
 ];
@@ -85,6 +91,8 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<ApiRequest, ApiE
         ("PUT", "/vsock") => ApiRequest::PutVsock(json(body)?),
         ("PUT", "/actions") => ApiRequest::Action(json::<InstanceActionInfo>(body)?.action_type),
         ("PATCH", "/vm") => ApiRequest::PatchVm(json::<VmStatePatch>(body)?.state),
+        ("PUT", "/snapshot/create") => ApiRequest::CreateSnapshot(json(body)?),
+        ("PUT", "/live-update") => ApiRequest::LiveUpdate(json(body)?),
         ("GET", "/attestation") => ApiRequest::GetAttestation {
             query: query.to_owned(),
         },

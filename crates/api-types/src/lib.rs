@@ -128,6 +128,23 @@ pub struct VmStatePatch {
     pub state: RequestedVmState,
 }
 
+/// `PUT /snapshot/create`: where to write the state and guest memory of the paused VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// The VM state file (versioned; see `outboard_vmm::snapshot`).
+    pub state_path: std::path::PathBuf,
+    /// The guest memory file (written sparsely).
+    pub memory_path: std::path::PathBuf,
+}
+
+/// `PUT /live-update`: the outboard-vmm binary to hand the running VM to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveUpdate {
+    pub binary: std::path::PathBuf,
+}
+
 /// States a client may request through `PATCH /vm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestedVmState {

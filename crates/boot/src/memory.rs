@@ -129,7 +129,32 @@ impl GuestRam {
         let file = memfd_create(c"outboard-guest-ram").map_err(Error::Memfd)?;
         file.set_len(size)
             .map_err(|source| Error::Truncate { size, source })?;
-        let file = Arc::new(file);
+        Self::map(Arc::new(file), size)
+    }
+
+    /// Maps guest RAM that already lives in `memfd` (handed over by a predecessor VMM): the
+    /// same pages, no copy. The file must be exactly `size` bytes.
+    pub fn from_memfd(memfd: File, size: u64) -> Result<Self, Error> {
+        if size < layout::MIN_MEMORY {
+            return Err(Error::TooSmall {
+                requested_mib: size >> 20,
+                minimum_mib: layout::MIN_MEMORY >> 20,
+            });
+        }
+        if size & 0xfff != 0 {
+            return Err(Error::Unaligned(size));
+        }
+        let found = memfd.metadata().map_err(Error::Memfd)?.len();
+        if found != size {
+            return Err(Error::Truncate {
+                size,
+                source: std::io::Error::other(format!("the memory file holds {found} bytes")),
+            });
+        }
+        Self::map(Arc::new(memfd), size)
+    }
+
+    fn map(file: Arc<File>, size: u64) -> Result<Self, Error> {
         let ranges = layout::ram_ranges(size);
         let mut regions = Vec::with_capacity(ranges.len());
         for range in &ranges {
@@ -231,5 +256,32 @@ mod tests {
         std::os::unix::fs::FileExt::read_exact_at(ram.memfd(), &mut buf, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(buf), 0xdead_beef);
         assert_eq!(ram.memfd().metadata().unwrap().len(), 32 << 20);
+    }
+
+    #[test]
+    fn a_handed_over_memfd_maps_the_same_pages() {
+        let ram = GuestRam::with_available(32 << 20, None).unwrap();
+        ram.memory()
+            .write_obj(0x1234_5678_u32, GuestAddress(0x20_0000))
+            .unwrap();
+        let successor = GuestRam::from_memfd(ram.memfd().try_clone().unwrap(), 32 << 20).unwrap();
+        let value: u32 = successor
+            .memory()
+            .read_obj(GuestAddress(0x20_0000))
+            .unwrap();
+        assert_eq!(value, 0x1234_5678);
+        // Writes by the successor are seen by the predecessor: one set of pages.
+        successor
+            .memory()
+            .write_obj(7u32, GuestAddress(0x30_0000))
+            .unwrap();
+        assert_eq!(
+            ram.memory()
+                .read_obj::<u32>(GuestAddress(0x30_0000))
+                .unwrap(),
+            7
+        );
+        let wrong = GuestRam::from_memfd(ram.memfd().try_clone().unwrap(), 64 << 20);
+        assert!(matches!(wrong, Err(Error::Truncate { .. })));
     }
 }

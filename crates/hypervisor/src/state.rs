@@ -34,12 +34,14 @@ pub enum Error {
     },
 }
 
-/// Everything KVM holds for one vCPU.
-#[derive(Clone)]
+/// Everything KVM holds for one vCPU. Serializable (KVM structures as their raw bytes, which
+/// KVM's ABI keeps stable) so it can go into a snapshot or to a successor VMM.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    #[serde(with = "fpu_serde")]
     pub fpu: kvm_fpu,
     /// `None` where the host has no XCRs (no XSAVE, as under PVM).
     pub xcrs: Option<kvm_xcrs>,
@@ -55,6 +57,56 @@ impl std::fmt::Debug for VcpuState {
             .field("rip", &self.regs.rip)
             .field("msrs", &self.msrs.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// `kvm_fpu` is the one vCPU structure kvm-bindings does not serialize: field by field here.
+mod fpu_serde {
+    use kvm_bindings::kvm_fpu;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    struct Fpu {
+        fpr: [[u8; 16]; 8],
+        fcw: u16,
+        fsw: u16,
+        ftwx: u8,
+        last_opcode: u16,
+        last_ip: u64,
+        last_dp: u64,
+        xmm: [[u8; 16]; 16],
+        mxcsr: u32,
+    }
+
+    pub fn serialize<S: Serializer>(f: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
+        Fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+        .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_fpu, D::Error> {
+        let f = Fpu::deserialize(d)?;
+        Ok(kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        })
     }
 }
 

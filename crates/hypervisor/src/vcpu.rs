@@ -37,6 +37,8 @@ pub enum Error {
     MpState(#[source] kvm_ioctls::Error),
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
+    #[error("Unexpected {0} while completing an I/O exit")]
+    PendingIo(&'static str),
 }
 
 /// Why `KVM_RUN` returned, in the terms the VMM acts on.
@@ -214,6 +216,22 @@ impl Vcpu {
             suberror: internal.suberror,
             data: internal.data[..n].to_vec(),
         }
+    }
+
+    /// Finishes an I/O or MMIO exit the VMM has handled but KVM has not: the data of an `IN` or
+    /// MMIO read reaches the register, and RIP moves past the instruction, only on the next
+    /// `KVM_RUN`. With `immediate_exit` set KVM does that and returns without running guest
+    /// code. Needed before saving the state for another VM, or that instruction runs twice.
+    pub fn complete_pending_io(&mut self) -> Result<(), Error> {
+        self.fd.set_kvm_immediate_exit(1);
+        let outcome = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+            Err(e) => Err(Error::Run(e)),
+            Ok(VcpuExit::Intr) => Ok(()),
+            Ok(other) => Err(Error::PendingIo(exit_name(&other))),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        outcome
     }
 
     /// Runs the vCPU until the next exit.

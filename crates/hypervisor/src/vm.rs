@@ -2,8 +2,8 @@
 //! irqfds and vCPU creation.
 
 use kvm_bindings::{
-    kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -44,6 +44,8 @@ pub enum Error {
     },
     #[error("Cannot read the KVM clock")]
     GetClock(#[source] kvm_ioctls::Error),
+    #[error("Cannot set the KVM clock")]
+    SetClock(#[source] kvm_ioctls::Error),
     #[error("Cannot access the in-kernel interrupt controller state")]
     Irqchip(#[source] kvm_ioctls::Error),
     #[error("Cannot access the in-kernel PIT state")]
@@ -51,7 +53,7 @@ pub enum Error {
 }
 
 /// The state of the platform devices KVM emulates: both PICs, the IOAPIC and the PIT.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct PlatformState {
     pub pic_master: kvm_irqchip,
     pub pic_slave: kvm_irqchip,
@@ -183,6 +185,21 @@ impl Vm {
             .get_clock()
             .map(|c| c.clock)
             .map_err(Error::GetClock)
+    }
+
+    /// The whole KVM clock (kvmclock ns and flags), for a snapshot or a successor VMM.
+    pub fn clock(&self) -> Result<kvm_clock_data, Error> {
+        self.fd.get_clock().map_err(Error::GetClock)
+    }
+
+    /// Sets the KVM clock to `ns`, so guest time continues from where a saved VM stopped instead
+    /// of jumping by the time it spent saved.
+    pub fn set_clock_ns(&self, ns: u64) -> Result<(), Error> {
+        let clock = kvm_clock_data {
+            clock: ns,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(Error::SetClock)
     }
 
     /// Reads the in-kernel PICs, IOAPIC and PIT.

@@ -83,6 +83,9 @@ fn vcpu_state_round_trips_between_vms() {
     source.setup_lapic().unwrap();
     source.setup_long_mode(&entry).unwrap();
     let saved = source.save_state(&msr_indices).unwrap();
+    // Through the serialized form a snapshot or a successor VMM gets.
+    let json = serde_json::to_string(&saved).unwrap();
+    let saved: outboard_hypervisor::state::VcpuState = serde_json::from_str(&json).unwrap();
     assert_eq!(saved.regs.rip, 0x12_3456);
     assert!(saved
         .msrs

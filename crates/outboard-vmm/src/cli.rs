@@ -11,6 +11,7 @@ Usage: outboard-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--
                     [--serial stdout|PATH] [--api-sock PATH] [--reboot exit|restart] [--id ID]
                     [--no-start] [ATTESTATION]
        outboard-vmm --api-sock PATH [ATTESTATION]  (configure and start through the API)
+       outboard-vmm --restore state=P,memory=M[,resume=on|off] [--serial DEST] [--api-sock PATH]
 
   --kernel PATH      ELF (vmlinux, PVH) or bzImage kernel; the VM starts at once
   --initrd PATH      initramfs
@@ -26,6 +27,9 @@ Usage: outboard-vmm --kernel PATH [--initrd PATH] [--cmdline STR] [--cpus N] [--
   --disk OPTS        vhost-user virtio-blk (repeatable): socket=PATH[,num_queues=N,queue_size=M]
   --net OPTS         vhost-user virtio-net (repeatable): socket=PATH[,mac=M,num_queues=N,queue_size=M]
   --vsock OPTS       virtio-vsock: cid=N,uds_path=PATH (guest port P connects to PATH_P)
+  --live-update-fd N (internal) successor of a live update: receive the VM on descriptor N
+  --restore OPTS     build the VM from a snapshot (PUT /snapshot/create): state file P, memory
+                     file M; resume=off leaves it Paused for PATCH /vm (default on)
   --help, --version
 
 Attestation (all three key flags together; see `outboard attest host-key create`):
@@ -40,6 +44,8 @@ With a key, GET /attestation serves signed documents; without one it answers 409
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run(Box<Args>),
+    /// `--live-update-fd N`: become the successor of a live update.
+    LiveUpdate(i32),
     Help,
     Version,
 }
@@ -52,6 +58,37 @@ pub struct Args {
     /// `--no-start`: phase 1 only; the API starts the VM.
     pub no_start: bool,
     pub attestation: AttestationConfig,
+    /// `--restore`: build the VM from a snapshot instead of a kernel.
+    pub restore: Option<RestoreArgs>,
+}
+
+/// `--restore state=P,memory=M[,resume=on|off]`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RestoreArgs {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+    pub resume: bool,
+}
+
+fn parse_restore(text: &str) -> Result<RestoreArgs> {
+    let (mut state, mut memory, mut resume) = (None, None, true);
+    for item in text.split(',') {
+        match item.split_once('=') {
+            Some(("state", p)) if !p.is_empty() => state = Some(PathBuf::from(p)),
+            Some(("memory", p)) if !p.is_empty() => memory = Some(PathBuf::from(p)),
+            Some(("resume", "on" | "true")) => resume = true,
+            Some(("resume", "off" | "false")) => resume = false,
+            _ => bail!("Unknown or empty --restore option {item:?}"),
+        }
+    }
+    match (state, memory) {
+        (Some(state), Some(memory)) => Ok(RestoreArgs {
+            state,
+            memory,
+            resume,
+        }),
+        _ => bail!("--restore needs state=PATH and memory=PATH"),
+    }
 }
 
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
@@ -65,6 +102,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
     let mut id = None;
     let mut no_start = false;
     let mut devices = outboard_vmm::pci::DeviceConfig::default();
+    let mut restore = None;
     let (mut key, mut cert, mut cabundle, mut passphrase_file, mut policy) =
         (None, None, None, None, None);
 
@@ -120,6 +158,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
                 }
                 devices.vsock = Some(value()?.parse().context("Invalid --vsock")?);
             }
+            "--live-update-fd" => {
+                let v = value()?;
+                let fd = v
+                    .parse::<i32>()
+                    .ok()
+                    .filter(|fd| *fd > 2)
+                    .ok_or_else(|| anyhow!("--live-update-fd {v:?} is not a descriptor"))?;
+                return Ok(Command::LiveUpdate(fd));
+            }
+            "--restore" => restore = Some(parse_restore(&value()?)?),
             "--attest-key" => key = Some(PathBuf::from(value()?)),
             "--attest-cert" => cert = Some(PathBuf::from(value()?)),
             "--attest-cabundle" => cabundle = Some(PathBuf::from(value()?)),
@@ -130,6 +178,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
     }
     if machine.vcpu_count == 0 {
         bail!("--cpus must be at least 1");
+    }
+    if restore.is_some() {
+        let devices_given =
+            !devices.disks.is_empty() || !devices.nets.is_empty() || devices.vsock.is_some();
+        if kernel.is_some() || initrd.is_some() || cmdline.is_some() || no_start || devices_given {
+            bail!("--restore takes the VM from the snapshot: no --kernel, --initrd, --cmdline, --no-start or devices");
+        }
+        let mut args = parse_restore_only(api_sock, serial, reboot, id)?;
+        args.restore = restore;
+        return Ok(Command::Run(Box::new(args)));
     }
     let boot = match kernel {
         Some(kernel_image_path) => Some(BootSource {
@@ -170,7 +228,28 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
         id: id.unwrap_or_else(|| format!("outboard-vmm-{}", std::process::id())),
         no_start,
         attestation: AttestationConfig { keys, policy },
+        restore: None,
     })))
+}
+
+fn parse_restore_only(
+    api_sock: Option<PathBuf>,
+    serial: SerialConfig,
+    reboot: RebootPolicy,
+    id: Option<String>,
+) -> Result<Args> {
+    Ok(Args {
+        config: VmmConfig {
+            serial,
+            reboot,
+            ..VmmConfig::default()
+        },
+        api_sock,
+        id: id.unwrap_or_else(|| format!("outboard-vmm-{}", std::process::id())),
+        no_start: false,
+        attestation: AttestationConfig::default(),
+        restore: None,
+    })
 }
 
 #[cfg(test)]
@@ -294,6 +373,27 @@ mod tests {
         ];
         assert!(err(&partial).contains("together"));
         assert!(err(&["--kernel", "/k", "--attest-passphrase-file", "/p"]).contains("together"));
+    }
+
+    #[test]
+    fn restore_flag() {
+        let args = run(&["--restore", "state=/s,memory=/m", "--serial", "/o"]).unwrap();
+        assert_eq!(
+            args.restore,
+            Some(RestoreArgs {
+                state: "/s".into(),
+                memory: "/m".into(),
+                resume: true
+            })
+        );
+        assert_eq!(args.config.serial.output, Some(PathBuf::from("/o")));
+        let paused = run(&["--restore=memory=/m,state=/s,resume=off"]).unwrap();
+        assert!(!paused.restore.unwrap().resume);
+        let err = |a: &[&str]| format!("{:#}", run(a).unwrap_err());
+        assert!(err(&["--restore", "state=/s"]).contains("needs state=PATH and memory=PATH"));
+        assert!(err(&["--restore", "state=/s,memory=/m,x=1"]).contains("Unknown"));
+        assert!(err(&["--restore", "state=,memory=/m"]).contains("Unknown or empty"));
+        assert!(err(&["--restore", "state=/s,memory=/m", "--kernel", "/k"]).contains("snapshot"));
     }
 
     #[test]

@@ -599,7 +599,11 @@ fn disks_added_through_the_api_carry_data_and_bad_ones_are_refused() {
     let (code, body) = api.request("GET", "/vm/config", None).unwrap();
     assert_eq!(code, 200, "{body}");
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(config["disks"][0]["socket"], sock.to_str().unwrap(), "{config}");
+    assert_eq!(
+        config["disks"][0]["socket"],
+        sock.to_str().unwrap(),
+        "{config}"
+    );
     assert_eq!(config["disks"][0]["num_queues"], 2, "{config}");
     let guest = outboard_guest_harness::testguest_path();
     outboard_guest_harness::require_guest_image(&guest);

@@ -321,7 +321,7 @@ impl Attestation {
 
     /// Phase 1's measurements of the loaded `vm` (vCPUs not started).
     pub fn measure(&mut self, vm: &Vm, config: &VmmConfig) -> Result<(), Error> {
-        let placement = vm.placement();
+        let placement = vm.placement().ok_or(Error::Unexpected)?;
         let kernel_path = config
             .boot
             .as_ref()

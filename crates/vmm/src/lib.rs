@@ -20,6 +20,16 @@
 //!                zeroed first), SIGINT/SIGTERM, vCPU fault
 //! ```
 //!
+//! Snapshots and live update (see [`snapshot`], [`live_update`]):
+//!
+//! ```text
+//!   NotStarted ──--restore state=P,memory=M──► Running (resume=on) or Paused (resume=off)
+//!   Paused ──PUT /snapshot/create──► Paused (state file + memory file written)
+//!   Running/Paused ──PUT /live-update──► Stopped here, exit 0; the successor process
+//!                                        (--live-update-fd) runs the guest on the same memfd
+//!                  └─ successor fails before Commit ─► back to Running/Paused here (rollback)
+//! ```
+//!
 //! `Loaded` is the attested launch's approval point (see [`attestation`]): guest memory holds
 //! exactly what was measured and no vCPU has run, so `GET /attestation` proves what will run.
 //!
@@ -31,7 +41,9 @@ pub mod api;
 pub mod attestation;
 pub mod config;
 pub mod console;
+pub mod live_update;
 pub mod pci;
+pub mod snapshot;
 pub mod trace;
 pub mod vcpu;
 pub mod vm;

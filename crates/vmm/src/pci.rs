@@ -55,6 +55,11 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// True when the VM has no virtio device (what snapshots and live update support so far).
+    pub fn is_empty(&self) -> bool {
+        self.disks.is_empty() && self.nets.is_empty() && self.vsock.is_none()
+    }
+
     /// Adds a disk given through the API, validated exactly as `--disk` is.
     pub fn add_disk(&mut self, api: &outboard_api_types::DiskConfig) -> Result<(), String> {
         let mut opts = option_string(&api.socket)?;

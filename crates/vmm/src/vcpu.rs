@@ -16,7 +16,9 @@
 //! ```
 //!
 //! A reset generation bump while parked makes each thread reload its boot state on resume
-//! (VM restart on guest reset).
+//! (VM restart on guest reset). A save generation bump while parked makes each thread read its
+//! vCPU's state and hand it to the control thread (snapshot): the `Vcpu` never leaves its
+//! thread, since the `KVM_RUN` path must not take a lock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 use outboard_devices::Bus;
 use outboard_hypervisor::kvm_bindings::kvm_lapic_state;
 use outboard_hypervisor::regs::LongModeEntry;
+use outboard_hypervisor::state::VcpuState;
 use outboard_hypervisor::{Exit, Vcpu};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
@@ -45,6 +48,12 @@ pub enum Error {
     PauseTimeout(Duration),
     #[error("Cannot install the vCPU kick signal handler")]
     Kick(#[source] outboard_hypervisor::kick::Error),
+    #[error("vCPUs must be paused to save their state")]
+    NotPaused,
+    #[error("vCPUs did not hand over their state within {0:?}")]
+    SaveTimeout(Duration),
+    #[error("Cannot save the state of vCPU {id}: {message}")]
+    Save { id: u8, message: String },
 }
 
 /// Why a vCPU stopped the VM.
@@ -102,6 +111,10 @@ struct ControlState {
     reset_generation: u64,
     entry: Option<LongModeEntry>,
     fault: Option<(u8, VcpuFault)>,
+    /// Bumped to make parked vCPUs push their state to `saved`.
+    save_generation: u64,
+    msr_indices: Arc<Vec<u32>>,
+    saved: Vec<(u8, Result<VcpuState, String>)>,
 }
 
 /// Per-vCPU exit counters.
@@ -131,6 +144,9 @@ impl VcpuControl {
                 reset_generation: 0,
                 entry: None,
                 fault: None,
+                save_generation: 0,
+                msr_indices: Arc::new(Vec::new()),
+                saved: Vec::new(),
             }),
             changed: Condvar::new(),
             fault_evt,
@@ -153,6 +169,11 @@ impl VcpuControl {
     /// The first fault a vCPU reported.
     pub fn fault(&self) -> Option<(u8, VcpuFault)> {
         self.lock().fault.clone()
+    }
+
+    /// Makes vCPU threads park as soon as they start (a restored VM that stays paused).
+    pub fn hold(&self) {
+        self.lock().command = Command::Pause;
     }
 }
 
@@ -237,6 +258,35 @@ impl VcpuThreads {
         self.control.changed.notify_all();
     }
 
+    /// The state of every vCPU, in id order; they must be paused. `msr_indices` is normally
+    /// `Hypervisor::msr_index_list`.
+    pub fn save_states(&self, msr_indices: Vec<u32>) -> Result<Vec<VcpuState>, Error> {
+        let mut state = self.control.lock();
+        if state.command != Command::Pause {
+            return Err(Error::NotPaused);
+        }
+        state.saved.clear();
+        state.msr_indices = Arc::new(msr_indices);
+        state.save_generation += 1;
+        self.control.changed.notify_all();
+        let count = self.handles.len();
+        let (mut state, _) = self
+            .control
+            .changed
+            .wait_timeout_while(state, PAUSE_TIMEOUT, |s| s.saved.len() < count)
+            .unwrap_or_else(PoisonError::into_inner);
+        if state.saved.len() < count {
+            return Err(Error::SaveTimeout(PAUSE_TIMEOUT));
+        }
+        let mut saved = std::mem::take(&mut state.saved);
+        drop(state);
+        saved.sort_by_key(|(id, _)| *id);
+        saved
+            .into_iter()
+            .map(|(id, r)| r.map_err(|message| Error::Save { id, message }))
+            .collect()
+    }
+
     /// Makes parked vCPUs restart from `entry` (BSP) or wait-for-SIPI (APs) when resumed.
     pub fn schedule_reset(&self, entry: LongModeEntry) {
         let mut state = self.control.lock();
@@ -255,8 +305,9 @@ impl VcpuThreads {
     }
 }
 
-/// Parks while paused; returns false when the thread must exit.
-fn wait_for_run(ctx: &mut VcpuContext, generation: &mut u64) -> bool {
+/// Parks while paused (handing over its state when asked); returns false when the thread must
+/// exit.
+fn wait_for_run(ctx: &mut VcpuContext, generation: &mut u64, saved: &mut u64) -> bool {
     let control = ctx.control.clone();
     let mut state = control.lock();
     let mut counted = false;
@@ -273,6 +324,20 @@ fn wait_for_run(ctx: &mut VcpuContext, generation: &mut u64) -> bool {
                 if !counted {
                     state.parked += 1;
                     counted = true;
+                    control.changed.notify_all();
+                }
+                if state.save_generation != *saved {
+                    *saved = state.save_generation;
+                    let result = ctx
+                        .vcpu
+                        .complete_pending_io()
+                        .map_err(|e| crate::error_chain(&e))
+                        .and_then(|()| {
+                            ctx.vcpu
+                                .save_state(&state.msr_indices)
+                                .map_err(|e| crate::error_chain(&e))
+                        });
+                    state.saved.push((ctx.vcpu.id(), result));
                     control.changed.notify_all();
                 }
                 state = control
@@ -315,12 +380,13 @@ fn reset_state(
 fn run_vcpu(mut ctx: VcpuContext) {
     ctx.vcpu.bind_kick();
     let mut generation = 0;
+    let mut saved = 0;
     let mut first_run = true;
     loop {
         // Clear a stale kick before looking at the command: a kick that lands after this point
         // makes the next KVM_RUN return at once.
         ctx.vcpu.clear_kick();
-        if !wait_for_run(&mut ctx, &mut generation) {
+        if !wait_for_run(&mut ctx, &mut generation, &mut saved) {
             break;
         }
         if first_run && ctx.vcpu.id() == 0 {

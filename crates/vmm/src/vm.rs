@@ -1,5 +1,7 @@
-//! One built VM: KVM VM, guest RAM, buses and devices, vCPUs; start, pause, resume, restart, stop.
+//! One built VM: KVM VM, guest RAM, buses and devices, vCPUs; start, pause, resume, restart, stop;
+//! and the same VM saved to a [`VmState`] and built again from one (snapshot restore).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use outboard_boot::layout::{self, COM1_IRQ, COM1_PORT, I8042_DATA_PORT, PM1A_EVT_PORT};
@@ -16,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmmConfig;
 use crate::console;
+use crate::snapshot::{self, MachineState, MemoryState, RamRangeState, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuControl, VcpuCounters, VcpuThreads};
 
 /// Errors of building and steering a VM.
@@ -63,6 +66,34 @@ pub enum Error {
     Pci(#[from] crate::pci::Error),
     #[error("The VM has already been started")]
     AlreadyStarted,
+    #[error("Cannot restore guest memory")]
+    RestoreMemory(#[source] snapshot::memory::Error),
+    #[error("Cannot restore the state of vCPU {id}")]
+    RestoreVcpu {
+        id: u8,
+        #[source]
+        source: outboard_hypervisor::state::Error,
+    },
+    #[error("Cannot restore the {name} device")]
+    RestoreDevice {
+        name: &'static str,
+        #[source]
+        source: outboard_devices::Error,
+    },
+    #[error("Cannot save the {name} device")]
+    SaveDevice {
+        name: &'static str,
+        #[source]
+        source: outboard_devices::Error,
+    },
+    #[error("Cannot list the MSRs to save")]
+    MsrList(#[source] outboard_hypervisor::Error),
+    #[error("Snapshots of VMs with virtio devices are not supported yet")]
+    SnapshotWithVirtio,
+    #[error("The VM has not been started")]
+    NotStarted,
+    #[error("The saved state has no vCPU {0}")]
+    MissingVcpuState(u8),
 }
 
 impl Error {
@@ -76,6 +107,10 @@ impl Error {
                 | Error::Load(_)
                 | Error::Console(_)
                 | Error::Pci(_)
+                | Error::RestoreMemory(_)
+                | Error::RestoreVcpu { .. }
+                | Error::RestoreDevice { .. }
+                | Error::SnapshotWithVirtio
         )
     }
 }
@@ -99,6 +134,15 @@ impl VmEvents {
     }
 }
 
+/// Where a restored VM's guest memory comes from.
+#[derive(Debug)]
+pub enum RamSource<'a> {
+    /// A snapshot's memory file, copied into a new memfd.
+    File(&'a Path),
+    /// The predecessor VMM's memfd (live update): the same pages, no copy.
+    Memfd(std::fs::File),
+}
+
 /// Where the loader put the boot items in guest memory: what phase 1 measures.
 #[derive(Clone, Copy, Debug)]
 pub struct BootPlacement {
@@ -111,7 +155,8 @@ pub struct BootPlacement {
 /// A built VM.
 pub struct Vm {
     config: VmmConfig,
-    placement: BootPlacement,
+    /// `None` for a VM restored from a snapshot: nothing was loaded.
+    placement: Option<BootPlacement>,
     kvm_vm: Arc<outboard_hypervisor::Vm>,
     /// PICs, IOAPIC and PIT as created, restored on a VM restart.
     power_on: PlatformState,
@@ -174,16 +219,62 @@ fn load_guest(
 impl Vm {
     /// Builds the VM (nothing runs yet). Checks the configuration first.
     pub fn build(hv: &Hypervisor, config: &VmmConfig, events: &VmEvents) -> Result<Vm, Error> {
+        Self::create(hv, config, events, None)
+    }
+
+    /// Builds the VM a snapshot describes: `config` (from [`VmState`] plus this process's serial
+    /// and reboot settings) and guest memory from `memory`; vCPUs, interrupt controllers, PIT,
+    /// kvmclock and devices as saved. Nothing runs yet.
+    pub fn restore(
+        hv: &Hypervisor,
+        config: &VmmConfig,
+        events: &VmEvents,
+        state: &VmState,
+        memory: RamSource<'_>,
+    ) -> Result<Vm, Error> {
+        if !config.devices.is_empty() {
+            return Err(Error::SnapshotWithVirtio);
+        }
+        Self::create(hv, config, events, Some((state, memory)))
+    }
+
+    fn create(
+        hv: &Hypervisor,
+        config: &VmmConfig,
+        events: &VmEvents,
+        snapshot: Option<(&VmState, RamSource<'_>)>,
+    ) -> Result<Vm, Error> {
         crate::config::validate_machine(&config.machine, hv.max_vcpus())?;
-        config.kernel()?;
-        let ram = GuestRam::new(config.mem_bytes())?;
+        let (snapshot, memory) = match snapshot {
+            Some((state, memory)) => (Some(state), Some(memory)),
+            None => (None, None),
+        };
+        if snapshot.is_none() {
+            config.kernel()?;
+        }
+        let ram = match memory {
+            Some(RamSource::Memfd(memfd)) => GuestRam::from_memfd(memfd, config.mem_bytes())?,
+            Some(RamSource::File(path)) => {
+                let ram = GuestRam::new(config.mem_bytes())?;
+                snapshot::memory::load(path, ram.memfd(), ram.size())
+                    .map_err(Error::RestoreMemory)?;
+                ram
+            }
+            None => GuestRam::new(config.mem_bytes())?,
+        };
         let kvm_vm = Arc::new(hv.create_vm().map_err(Error::CreateVm)?);
         ram.register(&kvm_vm)?;
         kvm_vm
             .setup_platform(layout::KVM_TSS_START, layout::KVM_IDENTITY_MAP_START)
             .map_err(Error::Platform)?;
         let power_on = kvm_vm.platform_state().map_err(Error::Platform)?;
-        let (entry, placement) = load_guest(ram.memory(), config)?;
+        let (entry, placement) = match snapshot {
+            None => {
+                let (entry, placement) = load_guest(ram.memory(), config)?;
+                (Some(entry), Some(placement))
+            }
+            Some(_) => (None, None),
+        };
 
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -231,10 +322,18 @@ impl Vm {
             vcpu.set_cpuid(&cpuid).map_err(vcpu_err)?;
             vcpu.setup_lapic().map_err(vcpu_err)?;
             let boot_lapic = vcpu.lapic().map_err(vcpu_err)?;
-            if id == 0 {
-                vcpu.setup_long_mode(&entry).map_err(vcpu_err)?;
-            } else {
-                vcpu.setup_application_processor().map_err(vcpu_err)?;
+            match (snapshot, &entry) {
+                (Some(state), _) => {
+                    // `VmState::validate` checked there is one state per vCPU.
+                    let saved = state
+                        .vcpus
+                        .get(usize::from(id))
+                        .ok_or(Error::MissingVcpuState(id))?;
+                    vcpu.restore_state(saved)
+                        .map_err(|source| Error::RestoreVcpu { id, source })?;
+                }
+                (None, Some(entry)) if id == 0 => vcpu.setup_long_mode(entry).map_err(vcpu_err)?,
+                _ => vcpu.setup_application_processor().map_err(vcpu_err)?,
             }
             let vcpu_counters = Arc::new(VcpuCounters::default());
             counters.push(vcpu_counters.clone());
@@ -246,6 +345,24 @@ impl Vm {
                 control: control.clone(),
                 counters: vcpu_counters,
             });
+        }
+        if let Some(state) = snapshot {
+            kvm_vm
+                .set_platform_state(&state.platform)
+                .map_err(Error::Platform)?;
+            kvm_vm
+                .set_clock_ns(state.clock_ns)
+                .map_err(Error::Platform)?;
+            for device in &devices {
+                if let Some(saved) = state.devices.get(device.name()) {
+                    device
+                        .restore(saved)
+                        .map_err(|source| Error::RestoreDevice {
+                            name: device.name(),
+                            source,
+                        })?;
+                }
+            }
         }
         Ok(Vm {
             config: config.clone(),
@@ -273,6 +390,66 @@ impl Vm {
         let contexts = std::mem::take(&mut self.unstarted);
         self.threads = Some(VcpuThreads::spawn(contexts, self.control.clone())?);
         Ok(())
+    }
+
+    /// Starts the vCPU threads parked, as after [`Vm::pause`] (a restored VM that stays paused).
+    pub fn start_paused(&mut self) -> Result<(), Error> {
+        self.control.hold();
+        self.start()?;
+        for device in &self.devices {
+            if let Err(e) = device.pause() {
+                log::warn!("Pausing {}: {e}", device.name());
+            }
+        }
+        self.pci.pause();
+        Ok(())
+    }
+
+    /// The whole VM as a [`VmState`]; the VM must be paused.
+    pub fn save_state(&self, hv: &Hypervisor) -> Result<VmState, Error> {
+        if !self.config.devices.is_empty() {
+            return Err(Error::SnapshotWithVirtio);
+        }
+        let threads = self.threads.as_ref().ok_or(Error::NotStarted)?;
+        let msr_indices = hv.msr_index_list().map_err(Error::MsrList)?;
+        let vcpus = threads.save_states(msr_indices)?;
+        let platform = self.kvm_vm.platform_state().map_err(Error::Platform)?;
+        let clock_ns = self.kvm_vm.clock().map_err(Error::Platform)?.clock;
+        let mut saved = std::collections::BTreeMap::new();
+        for device in &self.devices {
+            let state = device.save().map_err(|source| Error::SaveDevice {
+                name: device.name(),
+                source,
+            })?;
+            if !state.is_null() {
+                saved.insert(device.name().to_owned(), state);
+            }
+        }
+        Ok(VmState {
+            vmm_version: crate::VMM_VERSION.into(),
+            machine: MachineState {
+                vcpu_count: self.config.machine.vcpu_count,
+                mem_size_mib: self.config.machine.mem_size_mib,
+            },
+            boot: self.config.boot.clone(),
+            memory: MemoryState {
+                size: self.ram.size(),
+                ranges: self
+                    .ram
+                    .ranges()
+                    .iter()
+                    .map(|r| RamRangeState {
+                        guest_addr: r.guest_addr,
+                        size: r.size,
+                        file_offset: r.file_offset,
+                    })
+                    .collect(),
+            },
+            vcpus,
+            platform,
+            clock_ns,
+            devices: saved,
+        })
     }
 
     /// Parks every vCPU (they are out of `KVM_RUN` when this returns) and pauses devices.
@@ -337,9 +514,9 @@ impl Vm {
         self.serial.clone()
     }
 
-    /// Where kernel, initrd and command line were loaded.
-    pub fn placement(&self) -> &BootPlacement {
-        &self.placement
+    /// Where kernel, initrd and command line were loaded (`None` for a restored VM).
+    pub fn placement(&self) -> Option<&BootPlacement> {
+        self.placement.as_ref()
     }
 
     pub fn ram(&self) -> &GuestRam {

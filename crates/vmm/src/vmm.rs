@@ -2,13 +2,15 @@
 //! and host events (power-off, reset, vCPU faults, SIGINT/SIGTERM) until the VM ends.
 
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outboard_api_server::{ApiError, ApiHandler, ApiRequest, ApiResponse};
 use outboard_api_types::{
-    ActionType, BootSource, InstanceInfo, RequestedVmState, VmState, VmmVersion,
+    ActionType, BootSource, InstanceInfo, LiveUpdate, MachineConfig, RequestedVmState,
+    SnapshotCreate, VmState, VmmVersion,
 };
 use outboard_hypervisor::Hypervisor;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -18,6 +20,8 @@ use crate::api::{ApiBridge, ApiMessage, Reply};
 use crate::attestation::{self, Attestation};
 use crate::config::{validate_machine, RebootPolicy, VmmConfig};
 use crate::console::{self, RawTerminal};
+use crate::live_update::{self, Channel, HandoverConfig, Incoming, Message};
+use crate::snapshot;
 use crate::vcpu::VcpuFault;
 use crate::vm::{self, Vm, VmEvents};
 
@@ -43,6 +47,8 @@ pub enum Outcome {
         vcpu: u8,
         fault: VcpuFault,
     },
+    /// The VM was handed to a successor VMM (live update), which runs it now.
+    LiveUpdated,
     /// The VMM itself failed.
     Failed(String),
 }
@@ -55,7 +61,8 @@ impl Outcome {
             | Outcome::Reset
             | Outcome::Stopped
             | Outcome::Aborted
-            | Outcome::Signalled => 0,
+            | Outcome::Signalled
+            | Outcome::LiveUpdated => 0,
             Outcome::Fault { .. } => 2,
             Outcome::Failed(_) => 1,
         }
@@ -71,6 +78,7 @@ impl Outcome {
                 "outboard-vmm: aborted by InstanceAbort; guest memory zeroed".into()
             }
             Outcome::Signalled => "outboard-vmm: stopped by signal".into(),
+            Outcome::LiveUpdated => "outboard-vmm: VM handed to the successor VMM".into(),
             Outcome::Fault { vcpu, fault } => format!("Error: vCPU {vcpu}: {fault}"),
             Outcome::Failed(message) => format!("Error: {message}"),
         }
@@ -105,6 +113,10 @@ pub enum Error {
     Signals(#[source] outboard_hypervisor::kick::Error),
     #[error("Cannot set up the control loop")]
     Epoll(#[source] std::io::Error),
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::Error),
+    #[error(transparent)]
+    LiveUpdate(#[from] live_update::Error),
 }
 
 const TOKEN_SIGNAL: u64 = 0;
@@ -126,6 +138,8 @@ pub struct Vmm {
     terminal: Option<RawTerminal>,
     exit: Option<Outcome>,
     attestation: Attestation,
+    /// The API server's listener and path, handed to a successor on a live update.
+    api_listener: Option<(std::os::fd::OwnedFd, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -152,7 +166,42 @@ impl Vmm {
             terminal: None,
             exit: None,
             attestation: Attestation::default(),
+            api_listener: None,
         })
+    }
+
+    /// The API server's listening socket (a duplicate) and its path, for a live update.
+    pub fn set_api_listener(&mut self, listener: std::os::fd::OwnedFd, path: std::path::PathBuf) {
+        self.api_listener = Some((listener, path));
+    }
+
+    /// Successor side of a live update: builds the VM handed over (same guest RAM pages),
+    /// tells the old VMM it is ready, and resumes the guest once the old VMM commits.
+    pub fn adopt(&mut self, incoming: Incoming, channel: &Channel) -> Result<(), Error> {
+        let running = incoming.config.running;
+        let memory = vm::RamSource::Memfd(incoming.memfd);
+        let restore_started = live_update::monotonic_ns();
+        if let Err(e) = self.restore_from(&incoming.state, memory, false) {
+            live_update::report_failure(channel, &e);
+            return Err(e);
+        }
+        let restore_ms = (live_update::monotonic_ns() - restore_started) as f64 / 1e6;
+        channel.send(&Message::Ready, &[])?;
+        let (Message::Commit { paused_at_ns }, _) = channel.recv()? else {
+            return Err(live_update::Error::Unexpected("Commit").into());
+        };
+        if running {
+            if let Some(vm) = &self.vm {
+                vm.resume();
+                self.state = VmState::Running;
+            }
+        }
+        eprintln!(
+            "outboard-vmm: live update: guest paused for {:.3} ms (vCPUs stopped in the old VMM \
+             to running here; restore here {restore_ms:.3} ms)",
+            (live_update::monotonic_ns() - paused_at_ns) as f64 / 1e6
+        );
+        Ok(())
     }
 
     /// Sets the attestation key and launch policy (before the VM is loaded).
@@ -214,6 +263,54 @@ impl Vmm {
         Ok(())
     }
 
+    /// Builds the VM a snapshot describes (state file plus memory file) and starts its vCPUs,
+    /// running (`resume`) or parked (`Paused`, for `PATCH /vm Resumed`). The snapshot's machine
+    /// and boot source replace the configuration's; serial and reboot policy stay this
+    /// process's.
+    pub fn restore(&mut self, state: &Path, memory: &Path, resume: bool) -> Result<(), Error> {
+        let started = Instant::now();
+        let saved = snapshot::read_file(state)?;
+        self.restore_from(&saved, vm::RamSource::File(memory), resume)?;
+        eprintln!(
+            "outboard-vmm: restored {} (written by outboard-vmm {}) in {:.3} ms",
+            state.display(),
+            saved.vmm_version,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    }
+
+    /// Builds and starts (running or paused) the VM `saved` describes, with guest RAM from `memory`.
+    pub fn restore_from(
+        &mut self,
+        saved: &snapshot::VmState,
+        memory: vm::RamSource<'_>,
+        resume: bool,
+    ) -> Result<(), Error> {
+        if self.state != VmState::NotStarted {
+            return Err(vm::Error::AlreadyStarted.into());
+        }
+        self.config.machine = MachineConfig {
+            vcpu_count: saved.machine.vcpu_count,
+            mem_size_mib: saved.machine.mem_size_mib,
+        };
+        self.config.boot = saved.boot.clone();
+        let mut vm = Vm::restore(&self.hv, &self.config, &self.events, saved, memory)?;
+        if self.config.serial.output.is_none() {
+            self.terminal = Some(RawTerminal::enable());
+            console::forward_stdin(vm.serial()).map_err(vm::Error::from)?;
+        }
+        if resume {
+            vm.start()?;
+            self.state = VmState::Running;
+        } else {
+            vm.start_paused()?;
+            self.state = VmState::Paused;
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+
     /// Runs the control loop until the VM ends; returns how it ended.
     pub fn run(mut self) -> Outcome {
         let outcome = match self.control_loop() {
@@ -231,7 +328,10 @@ impl Vmm {
             }
         }
         self.terminal.take();
-        if matches!(outcome, Outcome::Stopped | Outcome::Aborted) {
+        if matches!(
+            outcome,
+            Outcome::Stopped | Outcome::Aborted | Outcome::LiveUpdated
+        ) {
             std::thread::sleep(STOP_RESPONSE_GRACE);
         }
         outcome
@@ -409,6 +509,8 @@ impl Vmm {
                 Ok(ApiResponse::NoContent)
             }
             ApiRequest::PatchVm(requested) => self.api_patch_vm(requested),
+            ApiRequest::CreateSnapshot(request) => self.api_snapshot(&request),
+            ApiRequest::LiveUpdate(request) => self.api_live_update(&request),
             ApiRequest::GetAttestation { query } => self.attestation.document(&query),
             ApiRequest::GetAttestationEventLog => self.attestation.event_log(),
         }
@@ -434,6 +536,79 @@ impl Vmm {
             Err(e @ Error::Refused(_)) => Err(ApiError::conflict(error_chain(&e))),
             Err(Error::Vm(e)) if e.is_user_error() => Err(ApiError::bad_request(error_chain(&e))),
             Err(e) => Err(ApiError::internal(error_chain(&e))),
+        }
+    }
+
+    /// `PUT /snapshot/create`: state file, then memory file, of the paused VM.
+    fn api_snapshot(&mut self, request: &SnapshotCreate) -> Reply {
+        let vm = match (&self.vm, self.state) {
+            (Some(vm), VmState::Paused) if self.exit.is_none() => vm,
+            _ => {
+                return Err(ApiError::conflict(
+                    "The VM must be paused to take a snapshot: PATCH /vm Paused first",
+                ))
+            }
+        };
+        let started = Instant::now();
+        let state = vm.save_state(&self.hv).map_err(|e| match e {
+            vm::Error::SnapshotWithVirtio => ApiError::conflict(error_chain(&e)),
+            e => ApiError::internal(error_chain(&e)),
+        })?;
+        let saved_at = started.elapsed();
+        snapshot::write_file(&request.state_path, &state)
+            .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+        let ram = vm.ram();
+        let copied = snapshot::memory::save(ram.memfd(), ram.size(), &request.memory_path)
+            .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
+        eprintln!(
+            "outboard-vmm: snapshot written in {:.3} ms (state read in {:.3} ms; {} KiB of \
+             {} MiB guest memory copied)",
+            started.elapsed().as_secs_f64() * 1e3,
+            saved_at.as_secs_f64() * 1e3,
+            copied.bytes_copied >> 10,
+            ram.size() >> 20
+        );
+        Ok(ApiResponse::NoContent)
+    }
+
+    /// `PUT /live-update`: on success this VMM exits and the successor serves the API.
+    fn api_live_update(&mut self, request: &LiveUpdate) -> Reply {
+        let vm = match (&self.vm, self.state) {
+            (Some(vm), VmState::Running | VmState::Paused) if self.exit.is_none() => vm,
+            _ => return Err(ApiError::conflict("The VM is not running")),
+        };
+        if !self.config.devices.is_empty() {
+            return Err(ApiError::conflict(error_chain(
+                &vm::Error::SnapshotWithVirtio,
+            )));
+        }
+        let running = self.state == VmState::Running;
+        let config = HandoverConfig {
+            id: self.id.clone(),
+            serial_output: self.config.serial.output.clone(),
+            reboot_restart: self.config.reboot == RebootPolicy::Restart,
+            api_sock: self.api_listener.as_ref().map(|(_, p)| p.clone()),
+            running,
+        };
+        let listener = self.api_listener.as_ref().map(|(fd, _)| fd.as_raw_fd());
+        match live_update::hand_over(vm, &self.hv, &request.binary, config, running, listener) {
+            Ok(times) => {
+                eprintln!(
+                    "outboard-vmm: live update: state saved {:.3} ms and committed {:.3} ms \
+                     after the pause began",
+                    times.state_saved_ms, times.committed_ms
+                );
+                self.exit = Some(Outcome::LiveUpdated);
+                self.state = VmState::Paused;
+                Ok(ApiResponse::NoContent)
+            }
+            Err(Error::Vm(e @ vm::Error::SnapshotWithVirtio)) => {
+                Err(ApiError::conflict(error_chain(&e)))
+            }
+            Err(e) => Err(ApiError::internal(format!(
+                "Live update failed; the VM runs on here: {}",
+                error_chain(&e)
+            ))),
         }
     }
 

@@ -1,0 +1,160 @@
+use outboard_hypervisor::kvm_bindings::{kvm_irqchip, kvm_pit_state2};
+
+use super::*;
+
+fn vcpu() -> VcpuState {
+    VcpuState {
+        mp_state: Default::default(),
+        regs: outboard_hypervisor::kvm_bindings::kvm_regs {
+            rip: 0x10_0000,
+            ..Default::default()
+        },
+        sregs: Default::default(),
+        fpu: Default::default(),
+        xcrs: None,
+        lapic: Default::default(),
+        msrs: vec![(0x10, 12345)],
+        events: Default::default(),
+        debugregs: Default::default(),
+    }
+}
+
+fn state() -> VmState {
+    let size = 128u64 << 20;
+    VmState {
+        vmm_version: "test".into(),
+        machine: MachineState {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+        },
+        boot: None,
+        memory: MemoryState {
+            size,
+            ranges: outboard_boot::layout::ram_ranges(size)
+                .iter()
+                .map(|r| RamRangeState {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    file_offset: r.file_offset,
+                })
+                .collect(),
+        },
+        vcpus: vec![vcpu()],
+        platform: PlatformState {
+            pic_master: kvm_irqchip::default(),
+            pic_slave: kvm_irqchip::default(),
+            ioapic: kvm_irqchip::default(),
+            pit: kvm_pit_state2::default(),
+        },
+        clock_ns: 987_654_321,
+        devices: BTreeMap::from([("acpi_pm".into(), serde_json::json!({"status": 1}))]),
+    }
+}
+
+/// Re-frames `payload` as version `version` with a correct CRC.
+fn framed(version: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+#[test]
+fn round_trip() {
+    let bytes = encode(&state()).unwrap();
+    assert_eq!(&bytes[..8], b"OBVMSTAT");
+    let back = decode(&bytes).unwrap();
+    assert_eq!(back.vcpus[0].regs.rip, 0x10_0000);
+    assert_eq!(back.vcpus[0].msrs, vec![(0x10, 12345)]);
+    assert_eq!(back.clock_ns, 987_654_321);
+    assert_eq!(back.memory, state().memory);
+    assert_eq!(back.devices["acpi_pm"]["status"], 1);
+}
+
+#[test]
+fn rejects_damaged_and_foreign_files() {
+    let bytes = encode(&state()).unwrap();
+    assert!(matches!(
+        decode(b"garbage!garbage!garbage!"),
+        Err(Error::BadMagic)
+    ));
+    assert!(matches!(decode(b"OBVM"), Err(Error::Truncated(4))));
+    assert!(matches!(
+        decode(&bytes[..bytes.len() - 1]),
+        Err(Error::Truncated(_))
+    ));
+    let mut flipped = bytes.clone();
+    flipped[40] ^= 1;
+    assert!(matches!(decode(&flipped), Err(Error::Checksum { .. })));
+    let mut huge = bytes.clone();
+    huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(matches!(decode(&huge), Err(Error::TooLarge(_))));
+    let payload = &bytes[20..bytes.len() - 4];
+    let err = decode(&framed(FORMAT_VERSION + 1, payload)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooNew {
+                found: 2,
+                newest: 1
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("newer than this VMM reads"));
+    assert!(matches!(
+        decode(&framed(0, payload)),
+        Err(Error::TooOld { .. })
+    ));
+    assert!(matches!(
+        decode(&framed(1, b"{\"x\":1}")),
+        Err(Error::Json(_))
+    ));
+}
+
+#[test]
+fn rejects_inconsistent_documents() {
+    let mut two = state();
+    two.machine.vcpu_count = 2;
+    let err = decode(&encode(&two).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("1 saved"), "{err}");
+    let mut small = state();
+    small.machine.mem_size_mib = 64;
+    assert!(matches!(
+        decode(&encode(&small).unwrap()),
+        Err(Error::Inconsistent(_))
+    ));
+    let mut moved = state();
+    moved.memory.ranges[0].file_offset = 4096;
+    assert!(matches!(
+        decode(&encode(&moved).unwrap()),
+        Err(Error::Inconsistent(_))
+    ));
+    let mut absurd = state();
+    absurd.machine.mem_size_mib = u64::MAX;
+    assert!(matches!(
+        decode(&encode(&absurd).unwrap()),
+        Err(Error::Inconsistent(_))
+    ));
+}
+
+/// A v1 state file written by a real outboard-vmm (the test guest's heartbeat, 1 vCPU,
+/// 128 MiB). Every later release must keep loading it (N−1 → N, then by upgrade chain).
+#[test]
+fn v1_fixture_keeps_loading() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/vmstate-v1.obvm"
+    );
+    let state = read_file(Path::new(path)).unwrap();
+    assert_eq!(state.machine.vcpu_count as usize, state.vcpus.len());
+    assert_eq!(state.memory.size, state.machine.mem_size_mib << 20);
+    // Long mode (EFER.LMA) with paging on: a running guest, not a power-on state.
+    assert_ne!(state.vcpus[0].sregs.efer & (1 << 10), 0);
+    assert_ne!(state.vcpus[0].sregs.cr0 & (1 << 31), 0);
+    assert!(state.clock_ns > 0);
+    assert!(state.devices.contains_key("serial"));
+}
