@@ -178,8 +178,10 @@ fn blk_verify(test: &str, queues: u16, extra: &str) {
     assert_blocks_on_disk(&img, blocks, seed);
     if extra.contains("virtio_irq=1") {
         // Completions arrived as MSI-X messages: backend call eventfd → KVM irqfd → MSI route.
+        // At least one: the guest also polls, so a queue whose completions it reaped before
+        // the interrupt arrived counts none, and how many do depends on timing.
         let irqs: u32 = r["irqs"].parse().unwrap();
-        assert!(irqs >= u32::from(queues), "irqs={irqs}");
+        assert!(irqs >= 1, "irqs={irqs}");
     }
 }
 
