@@ -11,10 +11,12 @@
 //! | `bench disk` | VMM CPU and wake-ups per I/O of a vhost-user disk, against QEMU; `RESULT disk` line |
 //! | `bench attest` | phase-1 measurement and attestation document cost |
 //! | `bench storage` | card storage vs qemu-storage-daemon through one load generator |
+//! | `bench net` | card overlay (hash, spray, adaptive) vs the kernel's tunnel over two shaped paths |
 
 mod bench_attest;
 mod bench_boot;
 mod bench_disk;
+mod bench_net;
 mod bench_storage;
 mod guest_linux;
 mod guest_test;
@@ -37,7 +39,8 @@ fn main() -> Result<()> {
             Some("disk") => bench_disk::run(&rest[1..]),
             Some("attest") => bench_attest::run(&rest[1..]),
             Some("storage") => bench_storage::run(&rest[1..]),
-            other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk"),
+            Some("net") => bench_net::run(&rest[1..]),
+            other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk, net"),
         },
         _ => {
             eprintln!("usage: cargo xtask <setup|guest|run|test|bench NAME>");

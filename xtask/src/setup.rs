@@ -18,6 +18,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/include/openssl/evp.h", "libssl-dev"),
     ("/usr/bin/pkg-config", "pkg-config"),
     ("/usr/bin/objdump", "binutils"),
+    // The overlay network tests and benchmark (crates/card-net): namespaces, ping, a TCP load,
+    // and an outside Geneve decoder.
+    ("/usr/bin/ip", "iproute2"),
+    ("/usr/bin/ping", "iputils-ping"),
+    ("/usr/bin/iperf3", "iperf3"),
+    ("/usr/bin/tshark", "tshark"),
 ];
 
 /// Debian packages the tiny kernel (`cargo xtask guest --tiny-kernel`) needs: its source and
@@ -94,6 +100,8 @@ fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
         run_cmd(Command::new("apt-get").arg("update").arg("-q"))?;
         run_cmd(
             Command::new("apt-get")
+                // tshark's debconf question must not wait for a terminal.
+                .env("DEBIAN_FRONTEND", "noninteractive")
                 .args(["install", "-y", "-q"])
                 .args(&missing),
         )?;

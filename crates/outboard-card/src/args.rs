@@ -67,6 +67,8 @@ pub enum Cmd {
     /// Microbenchmarks.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Run one overlay NIC: a TAP joined to the Geneve multipath underlay.
+    Net(crate::net::NetArgs),
 }
 
 #[derive(Debug, Subcommand)]

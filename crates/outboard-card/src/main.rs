@@ -17,11 +17,13 @@
 //! outboard-card bench load --socket S [--queues N --depth N --bs 4K --read-pct P --sequential
 //!                          --seconds S --verify]
 //! outboard-card bench storage [--dir D] [--seconds S]
+//! outboard-card net --tap T --vni N --mac M --ip A --path ADDR:PORT… --remote MAC=IP@HOST…
 //! ```
 
 mod api;
 mod args;
 mod bench;
+mod net;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -105,6 +107,7 @@ fn main() -> Result<()> {
         Cmd::Bench(BenchCmd::Storage { dir, seconds }) => {
             bench::storage(&bench::Options { dir, seconds })
         }
+        Cmd::Net(args) => net::run(args),
     }
 }
 
