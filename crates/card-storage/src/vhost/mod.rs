@@ -15,9 +15,28 @@
 //! FLUSH is an io_uring fdatasync on the backing store, acknowledged only after it returns.
 //! On GET_VRING_BASE ([`VhostUserBackend::stop_vring`]) the queue's outstanding requests are
 //! completed before the front end gets the ring state, so none is lost across a reconnect.
+//!
+//! A card that is killed cannot answer GET_VRING_BASE, so we also offer
+//! `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`: every chain taken from the avail ring is marked in a
+//! shared inflight region ([`inflight`]) until it is on the used ring. The front end keeps the
+//! region; the next card instance gets it back with SET_INFLIGHT_FD and, on the queue's first
+//! event, resubmits the marked chains in submission order and resumes the avail ring after them:
+//!
+//! ```text
+//!  connect ─► GET_INFLIGHT_FD (new region) / SET_INFLIGHT_FD (front end's) ─► splice → slot
+//!  first kick of queue q ─► recover(region, used idx) ─► resubmit heads ─► next avail =
+//!                           used idx + resubmitted ─► normal service (mark / pre_put / post_put)
+//! ```
+//!
+//! vhost-user-backend 0.24 answers the two inflight messages with "not supported" from a
+//! handler it keeps private, so the card answers them itself in a small message splice
+//! ([`splice`]) in front of an unmodified `VhostUserDaemon`, rather than forking the handler.
+//! Re-executing a block read or write is idempotent, which is what makes resubmission safe.
 
 mod config;
+pub mod inflight;
 mod serve;
+mod splice;
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -33,7 +52,7 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -50,6 +69,9 @@ pub use serve::{serve, Error as ServeError, Server};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type Vring = VringRwLock<Mem>;
+
+/// The inflight region of the current connection, set by the splice, read by the workers.
+pub(crate) type InflightSlot = Arc<Mutex<Option<Arc<inflight::Region>>>>;
 
 /// Errors setting up a backend.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +94,12 @@ struct Worker {
     vring: Option<Vring>,
     /// Whether the timer is armed, so that an idle worker makes no timerfd syscalls.
     timer_armed: bool,
+    /// The inflight region this queue has recovered from and now records into.
+    region: Option<Arc<inflight::Region>>,
+    /// Submission counter for the inflight region (orders resubmission).
+    counter: u64,
+    /// Chains resubmitted from the inflight region on this connection.
+    resubmitted: u64,
 }
 
 /// A vhost-user-blk backend for one attached volume.
@@ -83,6 +111,7 @@ pub struct BlkBackend {
     mem: Mutex<Option<Mem>>,
     event_idx: AtomicBool,
     config: Vec<u8>,
+    inflight: InflightSlot,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -116,6 +145,9 @@ impl BlkBackend {
                     timer,
                     vring: None,
                     timer_armed: false,
+                    region: None,
+                    counter: 1,
+                    resubmitted: 0,
                 }))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -128,12 +160,62 @@ impl BlkBackend {
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
             config,
+            inflight: InflightSlot::default(),
         })
     }
 
     /// The attached volume.
     pub fn device(&self) -> &Arc<VolumeDevice> {
         &self.dev
+    }
+
+    /// Where the splice puts the connection's inflight region.
+    pub(crate) fn inflight_slot(&self) -> InflightSlot {
+        self.inflight.clone()
+    }
+
+    /// Chains resubmitted from the inflight region since this connection started.
+    pub fn resubmitted(&self) -> u64 {
+        (0..self.num_queues)
+            .map(|q| self.worker(q).resubmitted)
+            .sum()
+    }
+
+    /// On the first event after a new inflight region appears: bring it in line with the used
+    /// ring, resubmit what it says was in flight (in submission order) and resume the avail
+    /// ring after them.
+    fn recover(&self, q: usize, w: &mut Worker, vring: &Vring, mem: &GuestMemoryMmap<()>) {
+        let current = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(region) = current else { return };
+        if w.region.as_ref().is_some_and(|r| Arc::ptr_eq(r, &region)) {
+            return;
+        }
+        w.region = Some(region.clone());
+        let Some(state) = region.queue(q) else { return };
+        let (table, size, used) = {
+            let g = vring.get_ref();
+            let queue = g.get_queue();
+            (queue.desc_table(), queue.size(), queue.next_used())
+        };
+        let (heads, next) = state.recover(used);
+        log::debug!("Queue {q}: used index {used}, {} in flight", heads.len());
+        w.counter = next;
+        if heads.is_empty() {
+            return;
+        }
+        log::info!("Queue {q}: resubmitting {} in-flight requests", heads.len());
+        vring.set_queue_next_avail(used.wrapping_add(heads.len() as u16));
+        for head in heads {
+            let descs =
+                inflight::chain_at(mem, GuestAddress(table), size, head).unwrap_or_default();
+            let parsed = parse(descs, mem, self.dev.capacity());
+            w.engine.enqueue(mem, head, parsed);
+            w.resubmitted += 1;
+        }
     }
 
     fn uring_event(&self) -> u16 {
@@ -180,6 +262,7 @@ impl BlkBackend {
     /// Pops every available chain of `vring`, parses and enqueues it.
     fn drain_queue(
         &self,
+        q: usize,
         w: &mut Worker,
         vring: &Vring,
         mem: &GuestMemoryMmap<()>,
@@ -193,6 +276,10 @@ impl BlkBackend {
                 let chain = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
+                if let Some(state) = w.region.as_ref().and_then(|r| r.queue(q)) {
+                    state.mark(head, w.counter);
+                    w.counter += 1;
+                }
                 let descs = chain.map(|d| Desc {
                     addr: d.addr(),
                     len: d.len(),
@@ -210,12 +297,18 @@ impl BlkBackend {
     }
 
     /// Submits queued I/O, collects completions, publishes them and re-arms the timer.
-    fn progress(&self, w: &mut Worker, vring: &Vring, mem: &GuestMemoryMmap<()>) -> io::Result<()> {
+    fn progress(
+        &self,
+        q: usize,
+        w: &mut Worker,
+        vring: &Vring,
+        mem: &GuestMemoryMmap<()>,
+    ) -> io::Result<()> {
         w.engine.pump(mem);
         w.engine.submit()?;
         let done = w.engine.reap(mem);
         w.engine.submit()?;
-        publish(vring, &done)?;
+        publish(vring, &done, w.region.as_deref().and_then(|r| r.queue(q)))?;
         match w.engine.next_wakeup() {
             // The timer wakes the worker when the throttle's head request becomes admissible;
             // zero would disarm the timerfd, so wait at least a microsecond.
@@ -250,14 +343,26 @@ fn set_nonblocking(fd: std::os::unix::io::RawFd) -> io::Result<()> {
     Ok(())
 }
 
-fn publish(vring: &Vring, done: &[Completion]) -> io::Result<()> {
+/// Puts completions on the used ring; with an inflight region, each one in the order that
+/// survives a kill at any point (see [`inflight`]).
+fn publish(
+    vring: &Vring,
+    done: &[Completion],
+    inflight: Option<inflight::QueueState<'_>>,
+) -> io::Result<()> {
     if done.is_empty() {
         return Ok(());
     }
     for c in done {
+        if let Some(s) = inflight {
+            s.pre_put(c.head);
+        }
         vring
             .add_used(c.head, c.used_len)
             .map_err(io::Error::other)?;
+        if let Some(s) = inflight {
+            s.post_put(c.head, vring.get_ref().get_queue().next_used());
+        }
     }
     if vring.needs_notification().map_err(io::Error::other)? {
         vring.signal_used_queue()?;
@@ -300,6 +405,7 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -351,7 +457,7 @@ impl VhostUserBackend for BlkBackend {
             }
             w.engine.submit_and_wait()?;
             let done = w.engine.reap(&*mem);
-            publish(&vring, &done)?;
+            publish(&vring, &done, w.region.as_deref().and_then(|r| r.queue(q)))?;
         }
         w.timer.clear().map_err(io::Error::other)?;
         w.timer_armed = false;
@@ -382,7 +488,10 @@ impl VhostUserBackend for BlkBackend {
             w.vring = Some(vring.clone());
         }
         match device_event {
-            0 => self.drain_queue(&mut w, vring, &mem)?,
+            0 => {
+                self.recover(thread_id, &mut w, vring, &mem);
+                self.drain_queue(thread_id, &mut w, vring, &mem)?
+            }
             e if e == self.uring_event() => {
                 // Non-blocking: an empty counter just means we already caught up.
                 let _ = w.uring_evt.read();
@@ -392,7 +501,7 @@ impl VhostUserBackend for BlkBackend {
             }
             _ => return Ok(()),
         }
-        self.progress(&mut w, vring, &mem)
+        self.progress(thread_id, &mut w, vring, &mem)
     }
 }
 

@@ -20,7 +20,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::{BlkBackend, Error as BackendError};
+use super::{splice, BlkBackend, Error as BackendError};
 use crate::blk::device::VolumeDevice;
 
 /// Errors while serving.
@@ -42,6 +42,8 @@ pub enum Error {
         #[source]
         source: DaemonError,
     },
+    #[error("Cannot set up the connection splice")]
+    Splice(#[source] std::io::Error),
     #[error("Cannot start the server thread")]
     Thread(#[source] std::io::Error),
 }
@@ -63,6 +65,22 @@ struct Control {
     connection: Mutex<Option<ShutdownHandle>>,
 }
 
+/// A listener on a fresh abstract socket (no file to clean up) with a connection already queued.
+fn private_pair() -> std::io::Result<(Listener, UnixStream)> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "outboard-card-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let stream = UnixStream::connect_addr(&addr)?;
+    Ok((Listener::from(listener), stream))
+}
+
 fn run(
     dev: Arc<VolumeDevice>,
     listener: &mut Listener,
@@ -81,7 +99,18 @@ fn run(
             path: socket.display().to_string(),
             source: source.into(),
         };
-        daemon.start(listener).map_err(serve_err)?;
+        let Some(front) = listener.accept().map_err(|source| Error::Listen {
+            path: socket.to_owned(),
+            source,
+        })?
+        else {
+            continue;
+        };
+        // The daemon serves a private socket; the splice in between answers the inflight
+        // messages it does not support.
+        let (mut inner_listener, inner) = private_pair().map_err(Error::Splice)?;
+        daemon.start(&mut inner_listener).map_err(serve_err)?;
+        let splice = splice::spawn(front, inner, backend.inflight_slot()).map_err(Error::Splice)?;
         *ctl.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         // stop() may have run between the check above and publishing the handle.
         if ctl.stop.load(Ordering::Acquire) {
@@ -90,7 +119,13 @@ fn run(
         log::info!("Front end connected to {}", socket.display());
         let result = daemon.wait();
         *ctl.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        log::info!("Front end disconnected from {}", socket.display());
+        // The daemon may end first (stop, or a protocol error): the front end must see that.
+        splice.close();
+        log::info!(
+            "Front end disconnected from {} ({} in-flight requests resubmitted)",
+            socket.display(),
+            backend.resubmitted()
+        );
         // Disconnects are the normal end of a connection, not an error of the card.
         if let Err(e) = result {
             log::warn!("vhost-user connection on {} ended: {e}", socket.display());

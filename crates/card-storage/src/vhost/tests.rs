@@ -214,3 +214,116 @@ fn stop_vring_completes_throttled_requests() {
     }
     assert_eq!(b.device().counters.snapshot().queue_depth, 0);
 }
+
+/// A card killed with requests in flight: the next instance, given the same inflight region,
+/// resubmits them (in submission order) on its first event and resumes the avail ring after
+/// them, so every chain the guest made available completes exactly once.
+#[test]
+fn next_instance_resubmits_what_the_inflight_region_holds() {
+    let dir = TempDir::new("vhost");
+    let limits = Limits {
+        iops_total: Some(crate::throttle::Limit {
+            rate: 100,
+            burst: 1,
+        }),
+        ..Limits::default()
+    };
+    let first = backend_with(&dir, 1, limits);
+    let (region, file, info) = inflight::Region::create(1, 16).unwrap();
+    *first.inflight.lock().unwrap() = Some(Arc::new(region));
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
+    let atomic = GuestMemoryAtomic::new(gm.clone());
+    let vring_for = |b: &BlkBackend, used: u16| {
+        b.update_memory(atomic.clone()).unwrap();
+        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
+        vring.set_queue_size(16);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .unwrap();
+        // What SET_VRING_ADDR and SET_VRING_BASE (the used index, after a crash) leave.
+        vring.set_queue_next_used(used);
+        vring.set_queue_next_avail(used);
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        [vring]
+    };
+    let mut descs = Vec::new();
+    for i in 0..3u64 {
+        let hdr = HDR + 64 * i;
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&T_IN.to_le_bytes());
+        gm.write_slice(&h, GuestAddress(hdr)).unwrap();
+        gm.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+        let head = (3 * i) as u16;
+        let next = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let w = VRING_DESC_F_WRITE as u16;
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            hdr,
+            16,
+            next,
+            head + 1,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            DATA + 4096 * i,
+            4096,
+            next | w,
+            head + 2,
+        )));
+        descs.push(RawDescriptor::from(SplitDescriptor::new(
+            STATUS + i,
+            1,
+            w,
+            0,
+        )));
+    }
+    mock.add_desc_chains(&descs, 0).unwrap();
+    let vrings = vring_for(&first, 0);
+    first.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    let t = Instant::now();
+    while mock.used().idx().load() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "no completion");
+        std::thread::sleep(Duration::from_millis(1));
+        first
+            .handle_event(first.uring_event(), EventSet::IN, &vrings, 0)
+            .unwrap();
+    }
+    // Killed here: two reads still wait for the throttle and are marked in the region.
+    let dev = first.device().clone();
+    drop(vrings);
+    drop(first);
+    assert_eq!(gm.read_obj::<u8>(GuestAddress(STATUS + 1)).unwrap(), 0xff);
+
+    let second = Arc::new(BlkBackend::new(dev, 1).unwrap());
+    let region = inflight::Region::map(&file, &info).unwrap();
+    *second.inflight.lock().unwrap() = Some(Arc::new(region));
+    let vrings = vring_for(&second, 1);
+    second.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(second.resubmitted(), 2);
+    assert_eq!(
+        vrings[0].queue_next_avail(),
+        3,
+        "resumes after the resubmitted"
+    );
+    let t = Instant::now();
+    while mock.used().idx().load() != 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "resubmitted never completed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        second
+            .handle_event(second.timer_event(), EventSet::IN, &vrings, 0)
+            .unwrap();
+    }
+    for i in 0..3 {
+        assert_eq!(gm.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), S_OK);
+    }
+    // Nothing is left marked: a third instance would resubmit nothing.
+    let region = inflight::Region::map(&file, &info).unwrap();
+    assert_eq!(region.queue(0).unwrap().recover(3).0, Vec::<u16>::new());
+}

@@ -1,0 +1,309 @@
+//! The inflight messages in front of vhost-user-backend's protocol handler.
+//!
+//! vhost-user-backend 0.24 keeps its request handler private and answers GET/SET_INFLIGHT_FD
+//! with "not supported". Rather than fork the whole handler, the card sits between the front
+//! end and an unmodified `VhostUserDaemon` on a private (abstract) socket and relays whole
+//! messages, file descriptors included:
+//!
+//! ```text
+//!  front end ══ socket ══► splice ──► GET/SET_INFLIGHT_FD: answered here (region → Slot)
+//!      ▲                     │ └────► SET_VRING_KICK: relayed, then kicked once (resubmit)
+//!      │                     └──────► everything else: relayed as is ──► VhostUserDaemon
+//!      └──────────── replies (relayed as is) ◄──────────────────────────────────┘
+//! ```
+//!
+//! The front end waits for each reply it expects before sending its next request, so replies
+//! made here never interleave with the daemon's. Either side closing closes both.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::message::VhostUserInflight;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::inflight::Region;
+use super::InflightSlot;
+
+const SET_VRING_KICK: u32 = 12;
+const GET_INFLIGHT_FD: u32 = 31;
+const SET_INFLIGHT_FD: u32 = 32;
+const VERSION: u32 = 0x1;
+const REPLY: u32 = 0x4;
+const NEED_REPLY: u32 = 0x8;
+const VRING_NOFD: u64 = 0x100;
+/// Far above any request we support (a memory table of 509 regions is ~16 KiB).
+const MAX_PAYLOAD: usize = 64 * 1024;
+const MAX_FDS: usize = 32;
+const HDR: usize = 12;
+
+struct Msg {
+    bytes: Vec<u8>,
+    files: Vec<File>,
+}
+
+impl Msg {
+    fn request(&self) -> u32 {
+        u32::from_le_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
+    }
+
+    fn flags(&self) -> u32 {
+        u32::from_le_bytes([self.bytes[4], self.bytes[5], self.bytes[6], self.bytes[7]])
+    }
+
+    fn payload(&self) -> &[u8] {
+        &self.bytes[HDR..]
+    }
+
+    fn inflight(&self) -> Option<VhostUserInflight> {
+        let p = self.payload();
+        let u64_at = |o: usize| Some(u64::from_le_bytes(p.get(o..o + 8)?.try_into().ok()?));
+        let u16_at = |o: usize| Some(u16::from_le_bytes(p.get(o..o + 2)?.try_into().ok()?));
+        Some(VhostUserInflight::new(
+            u64_at(0)?,
+            u64_at(8)?,
+            u16_at(16)?,
+            u16_at(18)?,
+        ))
+    }
+}
+
+fn recv(s: &UnixStream) -> io::Result<Option<Msg>> {
+    let mut hdr = [0u8; HDR];
+    let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: HDR,
+    }];
+    // SAFETY: the iovec points at `hdr`, which outlives the call and may hold any bytes.
+    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let files = fds[..nfds]
+        .iter()
+        // SAFETY: recvmsg just installed these descriptors in our table; nothing else owns them.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut r = s;
+    if n < HDR {
+        r.read_exact(&mut hdr[n..])?;
+    }
+    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::other(format!(
+            "Oversized vhost-user message: {size}"
+        )));
+    }
+    let mut bytes = hdr.to_vec();
+    bytes.resize(HDR + size, 0);
+    r.read_exact(&mut bytes[HDR..])?;
+    Ok(Some(Msg { bytes, files }))
+}
+
+fn reply(out: &Mutex<UnixStream>, req: u32, payload: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    let mut bytes = Vec::with_capacity(HDR + payload.len());
+    bytes.extend_from_slice(&req.to_le_bytes());
+    bytes.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(payload);
+    let s = out.lock().unwrap_or_else(|p| p.into_inner());
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    let sent = s
+        .send_with_fds(&[&bytes[..]], &fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    if sent < bytes.len() {
+        (&*s).write_all(&bytes[sent..])?;
+    }
+    Ok(())
+}
+
+fn inflight_payload(i: &VhostUserInflight) -> Vec<u8> {
+    let mut p = Vec::with_capacity(24);
+    p.extend_from_slice(&i.mmap_size.to_le_bytes());
+    p.extend_from_slice(&i.mmap_offset.to_le_bytes());
+    p.extend_from_slice(&i.num_queues.to_le_bytes());
+    p.extend_from_slice(&i.queue_size.to_le_bytes());
+    p.resize(24, 0);
+    p
+}
+
+struct Front {
+    front: UnixStream,
+    out: Arc<Mutex<UnixStream>>,
+    inner: UnixStream,
+    slot: InflightSlot,
+}
+
+impl Front {
+    fn run(&self) -> io::Result<()> {
+        while let Some(msg) = recv(&self.front)? {
+            match msg.request() {
+                GET_INFLIGHT_FD => self.get_inflight(&msg)?,
+                SET_INFLIGHT_FD => self.set_inflight(&msg)?,
+                req => {
+                    let kick = (req == SET_VRING_KICK)
+                        .then(|| msg.inflight_kick())
+                        .flatten();
+                    let fds: Vec<RawFd> = msg.files.iter().map(|f| f.as_raw_fd()).collect();
+                    let sent = self
+                        .inner
+                        .send_with_fds(&[&msg.bytes[..]], &fds)
+                        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+                    if sent < msg.bytes.len() {
+                        (&self.inner).write_all(&msg.bytes[sent..])?;
+                    }
+                    // The first kick after (re)connecting makes the queue's worker resubmit
+                    // what the region says was in flight, without waiting for the guest.
+                    if let Some(mut k) = kick {
+                        if self
+                            .slot
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .is_some()
+                        {
+                            let _ = k.write_all(&1u64.to_ne_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn get_inflight(&self, msg: &Msg) -> io::Result<()> {
+        let created = msg
+            .inflight()
+            .ok_or_else(|| io::Error::other("Short GET_INFLIGHT_FD"))
+            .and_then(|ask| {
+                Region::create(ask.num_queues, ask.queue_size).map_err(io::Error::other)
+            });
+        match created {
+            Ok((region, file, info)) => {
+                log::info!("New inflight region: {region:?}");
+                *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+                reply(
+                    &self.out,
+                    GET_INFLIGHT_FD,
+                    &inflight_payload(&info),
+                    Some(file.as_raw_fd()),
+                )
+            }
+            Err(e) => {
+                log::warn!("GET_INFLIGHT_FD failed: {e}");
+                // No fd: the front end treats the reply as a failure.
+                reply(&self.out, GET_INFLIGHT_FD, &[0; 24], None)
+            }
+        }
+    }
+
+    fn set_inflight(&self, msg: &Msg) -> io::Result<()> {
+        let mapped = match (msg.inflight(), msg.files.first()) {
+            (Some(info), Some(file)) => Region::map(file, &info).map_err(io::Error::other),
+            _ => Err(io::Error::other("SET_INFLIGHT_FD without a region")),
+        };
+        let status: u64 = match mapped {
+            Ok(region) => {
+                log::info!("Front end's inflight region: {region:?}");
+                *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(region));
+                0
+            }
+            Err(e) => {
+                log::warn!("SET_INFLIGHT_FD failed: {e}");
+                1
+            }
+        };
+        if msg.flags() & NEED_REPLY != 0 {
+            reply(&self.out, SET_INFLIGHT_FD, &status.to_le_bytes(), None)?;
+        }
+        Ok(())
+    }
+}
+
+impl Msg {
+    /// A copy of SET_VRING_KICK's eventfd, to kick the queue ourselves.
+    fn inflight_kick(&self) -> Option<File> {
+        let v = u64::from_le_bytes(self.payload().get(..8)?.try_into().ok()?);
+        if v & VRING_NOFD != 0 {
+            return None;
+        }
+        self.files.first()?.try_clone().ok()
+    }
+}
+
+fn relay_replies(inner: &UnixStream, out: &Mutex<UnixStream>) -> io::Result<()> {
+    let mut r = inner;
+    loop {
+        let mut hdr = [0u8; HDR];
+        r.read_exact(&mut hdr)?;
+        let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::other("Oversized vhost-user reply"));
+        }
+        let mut bytes = hdr.to_vec();
+        bytes.resize(HDR + size, 0);
+        r.read_exact(&mut bytes[HDR..])?;
+        let s = out.lock().unwrap_or_else(|p| p.into_inner());
+        (&*s).write_all(&bytes)?;
+    }
+}
+
+/// A running splice: its two threads and a handle on the front end's connection.
+pub(super) struct Splice {
+    threads: [JoinHandle<()>; 2],
+    front: UnixStream,
+}
+
+impl Splice {
+    /// Closes the front end's connection (it sees a disconnect and may reconnect) and waits for
+    /// both threads.
+    pub(super) fn close(self) {
+        let _ = self.front.shutdown(Shutdown::Both);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Relays between `front` (the front end's connection) and `inner` (the daemon's) until either
+/// side closes; inflight messages are served from and into `slot`.
+pub(super) fn spawn(
+    front: UnixStream,
+    inner: UnixStream,
+    slot: InflightSlot,
+) -> io::Result<Splice> {
+    let handle = front.try_clone()?;
+    let out = Arc::new(Mutex::new(front.try_clone()?));
+    let f = Front {
+        front,
+        out: out.clone(),
+        inner: inner.try_clone()?,
+        slot,
+    };
+    let up = std::thread::Builder::new()
+        .name("vhost-splice-req".into())
+        .spawn(move || {
+            if let Err(e) = f.run() {
+                log::debug!("vhost-user front end connection ended: {e}");
+            }
+            let _ = f.inner.shutdown(Shutdown::Both);
+            let _ = f.front.shutdown(Shutdown::Both);
+        })?;
+    let down = std::thread::Builder::new()
+        .name("vhost-splice-rep".into())
+        .spawn(move || {
+            let _ = relay_replies(&inner, &out);
+            let _ = inner.shutdown(Shutdown::Both);
+            let s = out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = s.shutdown(Shutdown::Both);
+        })?;
+    Ok(Splice {
+        threads: [up, down],
+        front: handle,
+    })
+}
