@@ -124,7 +124,8 @@ fn test(args: &[&str]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
-    let mut test_args = vec!["test", "--workspace"];
+    // Every failure is reported, not only the first test binary's.
+    let mut test_args = vec!["test", "--workspace", "--no-fail-fast"];
     if slow {
         test_args.extend(["--", "--include-ignored"]);
     }

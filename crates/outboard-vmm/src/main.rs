@@ -22,7 +22,7 @@ fn main() {
     let code = match run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            outboard_vmm::status_line!("Error: {e:#}");
             1
         }
     };
@@ -52,7 +52,7 @@ fn run() -> Result<i32> {
     }
     let hv = Hypervisor::new().context("Cannot use KVM")?;
     if hv.kind() == HostKind::Pvm {
-        eprintln!("{PVM_NOTICE}");
+        outboard_vmm::status_line!("{PVM_NOTICE}");
     }
     validate_machine(&args.config.machine, hv.max_vcpus())?;
     let mut vmm = Vmm::new(hv, args.config, args.id)?;
@@ -69,7 +69,9 @@ fn run() -> Result<i32> {
             .context("Cannot restore the VM")?;
     } else if start_now && args.no_start {
         vmm.load().context("Cannot load the VM")?;
-        eprintln!("outboard-vmm: VM loaded and measured; waiting for InstanceStart");
+        outboard_vmm::status_line!(
+            "outboard-vmm: VM loaded and measured; waiting for InstanceStart"
+        );
     } else if start_now {
         vmm.start().context("Cannot start the VM")?;
     }
@@ -78,7 +80,7 @@ fn run() -> Result<i32> {
     if let (Some(path), false) = (&args.api_sock, outcome == Outcome::LiveUpdated) {
         let _ = std::fs::remove_file(path);
     }
-    eprintln!("{}", outcome.message());
+    outboard_vmm::status_line!("{}", outcome.message());
     Ok(outcome.exit_code())
 }
 
@@ -123,6 +125,6 @@ fn successor(fd: i32) -> Result<i32> {
     if let (Some(path), false) = (&api_sock, outcome == Outcome::LiveUpdated) {
         let _ = std::fs::remove_file(path);
     }
-    eprintln!("{}", outcome.message());
+    outboard_vmm::status_line!("{}", outcome.message());
     Ok(outcome.exit_code())
 }

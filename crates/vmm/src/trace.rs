@@ -27,9 +27,28 @@ pub fn first_kvm_run() {
 pub fn mark(what: &str) {
     if enabled() {
         let start = START.get_or_init(Instant::now);
-        eprintln!(
+        crate::status_line!(
             "outboard-vmm: {what} after {} us",
             start.elapsed().as_micros()
         );
     }
+}
+
+/// Writes one line to stderr with a single `write`, so that lines from two VMM processes sharing
+/// stderr (the old and the new VMM during a live update) never interleave mid-line, as the
+/// piecewise writes of `eprintln!` can.
+pub fn write_line(line: &str) {
+    use std::io::Write;
+    let mut buf = String::with_capacity(line.len() + 1);
+    buf.push_str(line);
+    buf.push('\n');
+    let _ = std::io::stderr().lock().write_all(buf.as_bytes());
+}
+
+/// `eprintln!` with [`write_line`]'s one-write guarantee.
+#[macro_export]
+macro_rules! status_line {
+    ($($arg:tt)*) => {
+        $crate::trace::write_line(&format!($($arg)*))
+    };
 }

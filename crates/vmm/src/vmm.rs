@@ -196,7 +196,7 @@ impl Vmm {
                 self.state = VmState::Running;
             }
         }
-        eprintln!(
+        crate::status_line!(
             "outboard-vmm: live update: guest paused for {:.3} ms (vCPUs stopped in the old VMM \
              to running here; restore here {restore_ms:.3} ms)",
             (live_update::monotonic_ns() - paused_at_ns) as f64 / 1e6
@@ -271,7 +271,7 @@ impl Vmm {
         let started = Instant::now();
         let saved = snapshot::read_file(state)?;
         self.restore_from(&saved, vm::RamSource::File(memory), resume)?;
-        eprintln!(
+        crate::status_line!(
             "outboard-vmm: restored {} (written by outboard-vmm {}) in {:.3} ms",
             state.display(),
             saved.vmm_version,
@@ -399,7 +399,7 @@ impl Vmm {
     fn on_reset(&mut self) {
         match (&self.vm, self.config.reboot) {
             (Some(vm), RebootPolicy::Restart) if self.exit.is_none() => {
-                eprintln!("outboard-vmm: guest reset; restarting the VM");
+                crate::status_line!("outboard-vmm: guest reset; restarting the VM");
                 if let Err(e) = vm.restart() {
                     self.exit = Some(Outcome::Failed(error_chain(&e)));
                 } else {
@@ -560,7 +560,7 @@ impl Vmm {
         let ram = vm.ram();
         let copied = snapshot::memory::save(ram.memfd(), ram.size(), &request.memory_path)
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
-        eprintln!(
+        crate::status_line!(
             "outboard-vmm: snapshot written in {:.3} ms (state read in {:.3} ms; {} KiB of \
              {} MiB guest memory copied)",
             started.elapsed().as_secs_f64() * 1e3,
@@ -593,10 +593,11 @@ impl Vmm {
         let listener = self.api_listener.as_ref().map(|(fd, _)| fd.as_raw_fd());
         match live_update::hand_over(vm, &self.hv, &request.binary, config, running, listener) {
             Ok(times) => {
-                eprintln!(
+                crate::status_line!(
                     "outboard-vmm: live update: state saved {:.3} ms and committed {:.3} ms \
                      after the pause began",
-                    times.state_saved_ms, times.committed_ms
+                    times.state_saved_ms,
+                    times.committed_ms
                 );
                 self.exit = Some(Outcome::LiveUpdated);
                 self.state = VmState::Paused;
