@@ -4,6 +4,7 @@
 //! a NIC against a vhost-user-net echo backend, and a clear error for an unreachable backend.
 
 mod common;
+#[path = "../../virtio-devices/tests/common/net_echo.rs"]
 mod net_echo;
 
 use std::collections::BTreeMap;

@@ -3,132 +3,26 @@
 //! transmits on TX come back on RX, passing through the vring set-up the frontend did.
 
 mod common;
+#[path = "common/net_echo.rs"]
+mod net_echo;
 
-use std::io;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{wait_until, Driver, Vq};
+use net_echo::{serve, Echo, RX, TX};
 use outboard_boot::memory::GuestRam;
 use outboard_pci::{PciDevice, RecordingInterrupts};
 use outboard_virtio_devices::transport::{VirtioPciTransport, STATUS_NEEDS_RESET};
 use outboard_virtio_devices::vhost_user::{Kind, VhostUserDevice};
 use outboard_virtio_devices::VIRTIO_F_VERSION_1;
-use vhost::vhost_user::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-
-type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-const RX: usize = 0;
-const TX: usize = 1;
-
-/// Echoes every TX frame into the next RX buffer.
-struct Echo {
-    mem: Mutex<Option<Mem>>,
-    echoed: Mutex<u32>,
-}
-
-impl Echo {
-    fn pump(&self, vrings: &[VringRwLock<Mem>]) -> io::Result<()> {
-        let Some(mem) = self.mem.lock().unwrap().clone() else {
-            return Ok(());
-        };
-        let m = mem.memory();
-        loop {
-            let Some(tx) = vrings[TX]
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(m.clone())
-            else {
-                break;
-            };
-            let mut frame = Vec::new();
-            for d in tx.clone() {
-                let mut buf = vec![0u8; d.len() as usize];
-                m.read_slice(&mut buf, d.addr()).map_err(io::Error::other)?;
-                frame.extend_from_slice(&buf);
-            }
-            vrings[TX]
-                .add_used(tx.head_index(), 0)
-                .map_err(io::Error::other)?;
-            let Some(rx) = vrings[RX]
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(m.clone())
-            else {
-                break;
-            };
-            let mut left = &frame[..];
-            for d in rx.clone().filter(|d| d.is_write_only()) {
-                let n = left.len().min(d.len() as usize);
-                m.write_slice(&left[..n], d.addr())
-                    .map_err(io::Error::other)?;
-                left = &left[n..];
-            }
-            vrings[RX]
-                .add_used(rx.head_index(), frame.len() as u32)
-                .map_err(io::Error::other)?;
-            *self.echoed.lock().unwrap() += 1;
-        }
-        vrings[TX].signal_used_queue()?;
-        vrings[RX].signal_used_queue()
-    }
-}
-
-impl VhostUserBackend for Echo {
-    type Bitmap = ();
-    type Vring = VringRwLock<Mem>;
-
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn max_queue_size(&self) -> usize {
-        256
-    }
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
-    }
-    fn set_event_idx(&self, _enabled: bool) {}
-    fn update_memory(&self, mem: Mem) -> io::Result<()> {
-        *self.mem.lock().unwrap() = Some(mem);
-        Ok(())
-    }
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Self::Vring],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        if usize::from(device_event) <= TX {
-            self.pump(vrings)?;
-        }
-        Ok(())
-    }
-}
-
-fn serve(sock: PathBuf, backend: Arc<Echo>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new("echo-net".into(), backend, mem).unwrap();
-        let _ = daemon.serve(&sock);
-    })
-}
+use vm_memory::{Bytes, GuestAddress};
 
 #[test]
 fn frames_echo_through_the_backend() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
-    let backend = Arc::new(Echo {
-        mem: Mutex::new(None),
-        echoed: Mutex::new(0),
-    });
+    let backend = Arc::new(Echo::default());
     let _server = serve(sock.clone(), backend.clone());
     assert!(wait_until(Duration::from_secs(5), || sock.exists()));
 

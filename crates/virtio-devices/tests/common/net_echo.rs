@@ -1,6 +1,9 @@
 //! A vhost-user-net backend that echoes every frame the guest transmits back into its receive
 //! queue, built on rust-vmm's `vhost-user-backend` (no vhost-user-net backend is installed
 //! here). It reads and writes guest memory itself, as any out-of-process backend does.
+//!
+//! Shared by this crate's frontend test and outboard-vmm's guest tests, which include it with
+//! `#[path]`.
 
 use std::collections::VecDeque;
 use std::io;
@@ -14,8 +17,8 @@ use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
-const RX: usize = 0;
-const TX: usize = 1;
+pub const RX: usize = 0;
+pub const TX: usize = 1;
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// The echo: frames taken from TX wait here until the guest posts RX buffers.
