@@ -28,6 +28,38 @@ pub enum Error {
     },
 }
 
+/// The first word of every sector the test guest's blk commands write, followed by the sector
+/// number and the seed (little-endian u64s).
+pub const BLK_MAGIC: u64 = 0x0142_4C4B_424F_0000;
+
+/// Checks that a disk image holds the test guest's pattern: `blocks` blocks spread evenly over
+/// `capacity_sectors` 512-byte sectors, each starting with [`BLK_MAGIC`], its sector and `seed`.
+/// Returns the first block that doesn't.
+pub fn check_blk_pattern(
+    image: &[u8],
+    capacity_sectors: u64,
+    blocks: u64,
+    seed: u64,
+) -> Result<(), String> {
+    let stride = capacity_sectors / blocks.max(1);
+    for i in 0..blocks {
+        let sector = i * stride;
+        let at = usize::try_from(sector * 512).map_err(|e| e.to_string())?;
+        let word = |k: usize| {
+            image
+                .get(at + 8 * k..at + 8 * k + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        };
+        let found = (word(0), word(1), word(2));
+        if found != (Some(BLK_MAGIC), Some(sector), Some(seed)) {
+            return Err(format!(
+                "block {i} (sector {sector}): found {found:x?}, want magic, sector {sector}, seed {seed}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The `key=value` words after `marker` in `line` (text before the marker is ignored: a
 /// kernel message may share the line). Words without `=` are skipped.
 pub fn fields(line: &str, marker: &str) -> Result<BTreeMap<String, String>, Error> {
@@ -110,6 +142,28 @@ impl RunDone {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blk_pattern_check_finds_the_first_bad_block_and_never_reads_past_the_image() {
+        let (sectors, blocks, seed) = (64u64, 4u64, 9u64);
+        let mut image = vec![0u8; (sectors * 512) as usize];
+        for i in 0..blocks {
+            let sector = i * (sectors / blocks);
+            let at = (sector * 512) as usize;
+            for (k, w) in [BLK_MAGIC, sector, seed].iter().enumerate() {
+                image[at + 8 * k..at + 8 * k + 8].copy_from_slice(&w.to_le_bytes());
+            }
+        }
+        assert_eq!(check_blk_pattern(&image, sectors, blocks, seed), Ok(()));
+        assert!(check_blk_pattern(&image, sectors, blocks, seed + 1)
+            .unwrap_err()
+            .starts_with("block 0 "));
+        image[16 * 512 + 8] ^= 1;
+        assert!(check_blk_pattern(&image, sectors, blocks, seed)
+            .unwrap_err()
+            .starts_with("block 1 "));
+        assert!(check_blk_pattern(&image[..100], sectors, blocks, seed).is_err());
+    }
 
     #[test]
     fn parses_ready_marker() {

@@ -346,6 +346,26 @@ impl GuestVm {
         ReadyMarker::parse(&line).map_err(Error::Marker)
     }
 
+    /// Waits for the line carrying `marker_name` and returns its `key=value` fields. A test
+    /// helper: when the line doesn't come within `timeout` or doesn't parse, it panics with the
+    /// guest's whole serial output and the runner's stderr, so the failure shows what happened.
+    pub fn expect_fields(
+        &self,
+        marker_name: &str,
+        timeout: Duration,
+    ) -> std::collections::BTreeMap<String, String> {
+        let line = self
+            .wait_for_line(marker_name, timeout)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}; serial:\n{}\nstderr:\n{}",
+                    self.lines().join("\n"),
+                    self.stderr()
+                )
+            });
+        marker::fields(&line, marker_name).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+
     /// Waits for `OUTBOARD_RUN_DONE` and parses it.
     pub fn wait_for_run_done(&self, timeout: Duration) -> Result<RunDone, Error> {
         let line = self.wait_for_line(marker::RUN_DONE, timeout)?;

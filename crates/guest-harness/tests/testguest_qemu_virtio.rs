@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 /// Generous: TCG slows down a lot when tests run in parallel on 2 cores.
 const RESULT_WAIT: Duration = Duration::from_secs(60);
 const SECTOR: u64 = 512;
-const MAGIC: u64 = 0x0142_4C4B_424F_0000;
 
 /// Kills the daemon when the test ends, whatever happens.
 struct Daemon(Child);
@@ -41,16 +40,7 @@ fn have(program: &str, test: &str) -> bool {
 }
 
 fn result(vm: &outboard_guest_harness::GuestVm, marker_name: &str) -> BTreeMap<String, String> {
-    let line = vm
-        .wait_for_line(marker_name, RESULT_WAIT)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}; serial:\n{}\nstderr:\n{}",
-                vm.lines().join("\n"),
-                vm.stderr()
-            )
-        });
-    marker::fields(&line, marker_name).unwrap()
+    vm.expect_fields(marker_name, RESULT_WAIT)
 }
 
 fn serve_disk(dir: &Path, image: &Path, queues: u32) -> (Daemon, std::path::PathBuf) {
@@ -123,17 +113,8 @@ fn blk_verify_over_vhost_user_with_four_queues() {
     // Every block is in the backing file where the guest put it: blocks spread evenly, each
     // starting with the magic, its sector and the seed.
     let data = std::fs::read(&image).unwrap();
-    let stride = capacity_sectors / blocks;
-    for i in 0..blocks {
-        let sector = i * stride;
-        let at = (sector * SECTOR) as usize;
-        let word =
-            |k: usize| u64::from_le_bytes(data[at + 8 * k..at + 8 * k + 8].try_into().unwrap());
-        assert_eq!(
-            (word(0), word(1), word(2)),
-            (MAGIC, sector, seed),
-            "block {i}"
-        );
+    if let Err(e) = marker::check_blk_pattern(&data, capacity_sectors, blocks, seed) {
+        panic!("{e}");
     }
 }
 

@@ -123,14 +123,7 @@ impl Drop for Store {
 
 /// Waits (up to `limit`) for `marker_name` and returns its fields.
 fn result_within(vm: &GuestVm, marker_name: &str, limit: Duration) -> BTreeMap<String, String> {
-    let line = vm.wait_for_line(marker_name, limit).unwrap_or_else(|e| {
-        panic!(
-            "{e}; serial:\n{}\nstderr:\n{}",
-            vm.lines().join("\n"),
-            vm.stderr()
-        )
-    });
-    marker::fields(&line, marker_name).unwrap()
+    vm.expect_fields(marker_name, limit)
 }
 
 fn result(vm: &GuestVm, marker_name: &str) -> BTreeMap<String, String> {

@@ -18,8 +18,6 @@ use common::{exit_code, testguest, TIMEOUT};
 use outboard_guest_harness::{kvm_available, marker, wait_for_path, Daemon, GuestVm};
 
 const SECTOR: u64 = 512;
-/// Words 0–2 of every block the guest writes: this magic, the block's sector, the seed.
-const MAGIC: u64 = 0x0142_4C4B_424F_0000;
 const DISK_BYTES: u64 = 32 << 20;
 
 /// A per-test scratch directory, removed when the test ends.
@@ -98,31 +96,15 @@ fn disk_arg(socket: &Path, queues: u16) -> String {
     format!("socket={},num_queues={queues}", socket.display())
 }
 
-/// Waits for `marker_name` and returns its fields; on a timeout, fails with the guest's output.
 fn result(vm: &GuestVm, marker_name: &str) -> BTreeMap<String, String> {
-    let line = vm.wait_for_line(marker_name, TIMEOUT).unwrap_or_else(|e| {
-        panic!(
-            "{e}; serial:\n{}\nstderr:\n{}",
-            vm.lines().join("\n"),
-            vm.stderr()
-        )
-    });
-    marker::fields(&line, marker_name).unwrap()
+    vm.expect_fields(marker_name, TIMEOUT)
 }
 
 /// Every one of `blocks` blocks is in the image where the guest put it.
 fn assert_blocks_on_disk(image: &Path, blocks: u64, seed: u64) {
     let data = std::fs::read(image).unwrap();
-    let stride = DISK_BYTES / SECTOR / blocks;
-    for i in 0..blocks {
-        let sector = i * stride;
-        let at = (sector * SECTOR) as usize;
-        let word = |k: usize| u64::from_le_bytes(data[at + 8 * k..][..8].try_into().unwrap());
-        assert_eq!(
-            (word(0), word(1), word(2)),
-            (MAGIC, sector, seed),
-            "block {i}"
-        );
+    if let Err(e) = marker::check_blk_pattern(&data, DISK_BYTES / SECTOR, blocks, seed) {
+        panic!("{e}");
     }
 }
 
