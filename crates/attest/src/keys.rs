@@ -97,7 +97,9 @@ fn crypto(what: &'static str) -> impl FnOnce(ErrorStack) -> Error {
     move |source| Error::Crypto { what, source }
 }
 
-/// A P-384 private key. Its `Debug` output never shows key material.
+/// A P-384 private key. Its `Debug` output never shows key material. Cloning shares the one
+/// OpenSSL key object (a reference count), it never copies the key.
+#[derive(Clone)]
 pub struct SecretKey(PKey<Private>);
 
 impl fmt::Debug for SecretKey {
@@ -434,8 +436,9 @@ pub fn load_certificate(path: &Path) -> Result<X509, Error> {
     Ok(load_certificates(path)?.swap_remove(0))
 }
 
-/// The host's document signer: its key, certificate and CA bundle.
-#[derive(Debug)]
+/// The host's document signer: its key, certificate and CA bundle. A host's attestation
+/// service clones it per VM ([`AttestationSigner::with_module_id`]); clones share the key.
+#[derive(Clone, Debug)]
 pub struct AttestationSigner {
     key: SecretKey,
     certificate_der: Vec<u8>,

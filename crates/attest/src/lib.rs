@@ -17,7 +17,7 @@
 //! | 3 | initrd, as placed in guest memory | [`Measurements::measure_initrd`] |
 //! | 4 | kernel command line, as placed in guest memory, without the NUL | [`Measurements::measure_cmdline`] |
 //! | 5 | canonical VM configuration ([`config::CanonicalVmConfig`]) | [`Measurements::measure_config`] |
-//! | 6 | host agent | [`Measurements::measure_host_agent`] |
+//! | 6 | host agent: the attestation helper that measured and signs (`outboard-vmm-attest`, per VM or the host's service) | [`Measurements::measure_host_agent`] |
 //! | 7 | card (offload process) | [`Measurements::measure_card`] |
 //! | 8 | the attestation signing certificate (DER) | [`Measurements::measure_signing_certificate`] |
 //! | 9–15 | unused (zero); reported so documents carry 16 PCRs like the Nitro Secure Module | |
@@ -54,6 +54,7 @@
 //! | [`kernel`] | which kernel file bytes land in guest memory (PCR2's definition) |
 //! | [`config`] | canonical VM configuration and its deterministic encoding (PCR5) |
 //! | [`measure`] | the phase-1 [`Measurements`] builder |
+//! | [`cache`] | a host's digests of the binaries it measured, by file identity |
 //! | [`guest`] | measuring kernel, initrd and command line back from guest memory |
 //! | [`keys`] | root CA, host keys and certificates, key files, the [`AttestationSigner`] |
 //! | [`document`] | the Nitro-format COSE_Sign1 document: build, sign, parse |
@@ -62,6 +63,7 @@
 //! | [`bench`](mod@bench) | phase-1 timing for `cargo xtask bench attest` |
 
 pub mod bench;
+pub mod cache;
 pub mod config;
 pub mod document;
 pub mod guest;

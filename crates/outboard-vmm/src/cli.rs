@@ -38,6 +38,8 @@ Attestation (all three key flags together; see `outboard attest host-key create`
   --attest-cabundle F        the certificates from the root CA to the issuer (PEM)
   --attest-passphrase-file F passphrase of an encrypted --attest-key
   --attest-policy F          approved PCR values: InstanceStart is refused (409) unless they match
+  --attest-service SOCKET    the host's attestation service (`outboard-vmm-attest --serve`) instead
+                             of the key files: it holds the key and measures each binary once
 With a key, GET /attestation serves signed documents; without one it answers 409.";
 
 /// What the command line asks for.
@@ -103,8 +105,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
     let mut no_start = false;
     let mut devices = outboard_vmm::pci::DeviceConfig::default();
     let mut restore = None;
-    let (mut key, mut cert, mut cabundle, mut passphrase_file, mut policy) =
-        (None, None, None, None, None);
+    let (mut key, mut cert, mut cabundle, mut passphrase_file, mut policy, mut service) =
+        (None, None, None, None, None, None);
 
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -173,6 +175,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
             "--attest-cabundle" => cabundle = Some(PathBuf::from(value()?)),
             "--attest-passphrase-file" => passphrase_file = Some(PathBuf::from(value()?)),
             "--attest-policy" => policy = Some(PathBuf::from(value()?)),
+            "--attest-service" => service = Some(PathBuf::from(value()?)),
             other => bail!("Unknown argument {other:?}\n\n{USAGE}"),
         }
     }
@@ -216,6 +219,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
         (None, None, None) if passphrase_file.is_none() => None,
         _ => bail!("Give --attest-key, --attest-cert and --attest-cabundle together"),
     };
+    if service.is_some() && keys.is_some() {
+        bail!("Give either --attest-service or the --attest-key files, not both");
+    }
     Ok(Command::Run(Box::new(Args {
         config: VmmConfig {
             machine,
@@ -227,7 +233,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command> {
         api_sock,
         id: id.unwrap_or_else(|| format!("outboard-vmm-{}", std::process::id())),
         no_start,
-        attestation: AttestationConfig { keys, policy },
+        attestation: AttestationConfig {
+            keys,
+            policy,
+            service,
+        },
         restore: None,
     })))
 }
@@ -332,11 +342,17 @@ mod tests {
                     passphrase_file: Some("/p".into()),
                 }),
                 policy: Some("/policy.json".into()),
+                service: None,
             }
         );
         let policy_only = run(&["--api-sock", "/a", "--attest-policy", "/p.json"]).unwrap();
         assert_eq!(policy_only.attestation.keys, None);
         assert!(policy_only.attestation.policy.is_some());
+        let service = run(&["--api-sock", "/a", "--attest-service", "/run/attest.sock"]).unwrap();
+        assert_eq!(
+            service.attestation.service,
+            Some(PathBuf::from("/run/attest.sock"))
+        );
     }
 
     #[test]
@@ -373,6 +389,19 @@ mod tests {
         ];
         assert!(err(&partial).contains("together"));
         assert!(err(&["--kernel", "/k", "--attest-passphrase-file", "/p"]).contains("together"));
+        let both = [
+            "--kernel",
+            "/k",
+            "--attest-service",
+            "/s",
+            "--attest-key",
+            "/k",
+            "--attest-cert",
+            "/c",
+            "--attest-cabundle",
+            "/b",
+        ];
+        assert!(err(&both).contains("not both"));
     }
 
     #[test]

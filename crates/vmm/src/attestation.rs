@@ -11,8 +11,23 @@
 //! - the VMM does not link OpenSSL, whose loading alone would add about a millisecond of page
 //!   faults to every (also unattested) VMM start.
 //!
+//! The helper runs in one of two ways:
+//!
+//! - **per VM** (`--attest-key …`): the VMM starts its own helper, which loads the key and
+//!   hashes the VMM binary while the VMM builds the VM;
+//! - **host service** (`--attest-service SOCKET`): one long-running `outboard-vmm-attest --serve`
+//!   per host holds the key and answers every VMM on the host over a Unix socket. It finds the
+//!   VMM's binary from the connection's peer credentials (never from what the VMM claims) and
+//!   hashes each binary once ([`outboard_attest::cache`]), so an attested launch costs a connect
+//!   and the measuring of what was loaded. The VMM sends its launch policy's *text*, so the
+//!   service never opens a path a VMM names.
+//!
+//! Either way the helper binary measures itself into PCR6 (the host's attestation agent).
+//!
 //! ```text
-//!  outboard-vmm ──socketpair (the helper's stdin), one JSON line each way per request──► helper
+//!  outboard-vmm ──socketpair (the helper's stdin) or the service's socket, one JSON line each
+//!                 way per request──► helper
+//!     Open {module id, policy text} ─►       (service only) a session for this VM
 //!     Measure + guest memfd (SCM_RIGHTS) ─►  measure /proc/<vmm>/exe, kernel, initrd, cmdline
 //!                                            (read back from guest memory), config, certificate
 //!     CheckPolicy ─►                         approve or refuse (naming the PCRs)
@@ -35,7 +50,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -61,6 +76,20 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 pub enum Error {
     #[error("Cannot find the attestation helper next to the VMM binary")]
     HelperPath(#[source] std::io::Error),
+    #[error("Cannot connect to the attestation service {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot read the launch policy {path}")]
+    ReadPolicy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Launch policy {0} is too large")]
+    PolicyTooLarge(PathBuf),
     #[error("Cannot start the attestation helper {path}")]
     Spawn {
         path: PathBuf,
@@ -100,6 +129,8 @@ pub struct AttestationConfig {
     pub keys: Option<KeyFiles>,
     /// `--attest-policy`: approved PCR values; `InstanceStart` is refused unless they match.
     pub policy: Option<PathBuf>,
+    /// `--attest-service`: the host's attestation service socket (instead of `keys`).
+    pub service: Option<PathBuf>,
 }
 
 impl AttestationConfig {
@@ -135,6 +166,12 @@ impl AttestationConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
+    /// The first request on a connection to the host's attestation service: the VM's id and
+    /// its launch policy's text (the service never reads a path a VMM names).
+    Open {
+        module_id: String,
+        policy: Option<String>,
+    },
     /// Measure the loaded VM; the guest memory memfd travels with this line (SCM_RIGHTS).
     Measure(MeasureRequest),
     /// Check the measurements against the launch policy.
@@ -164,7 +201,7 @@ pub struct MeasureRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Response {
-    /// Key and policy loaded.
+    /// Key and policy loaded (per VM), or the session opened (service).
     Ready,
     /// `GET /attestation/event-log`'s body: `events`, `pcrs` (non-zero ones, hex), `config`.
     Measured {
@@ -189,7 +226,8 @@ pub enum Response {
 /// The running helper.
 #[derive(Debug)]
 struct Helper {
-    child: Child,
+    /// The per-VM helper process; `None` when talking to the host's service.
+    child: Option<Child>,
     socket: UnixStream,
     reader: BufReader<UnixStream>,
     /// Whether its `Ready` arrived. The helper loads the key and policy and hashes the VMM
@@ -213,11 +251,39 @@ impl Helper {
             .map_err(|source| Error::Spawn { path, source })?;
         let reader = BufReader::new(socket.try_clone().map_err(Error::Talk)?);
         Ok(Helper {
-            child,
+            child: Some(child),
             socket,
             reader,
             ready: false,
         })
+    }
+
+    /// Opens a session with the host's attestation service. The answer to `Open` is read by
+    /// the first request, so the VMM builds the VM meanwhile.
+    fn connect(service: &Path, policy: Option<&Path>, module_id: &str) -> Result<Helper, Error> {
+        let policy = policy.map(read_policy).transpose()?;
+        let socket = UnixStream::connect(service).map_err(|source| Error::Connect {
+            path: service.to_owned(),
+            source,
+        })?;
+        socket
+            .set_read_timeout(Some(HELPER_TIMEOUT))
+            .map_err(Error::Talk)?;
+        let reader = BufReader::new(socket.try_clone().map_err(Error::Talk)?);
+        let mut helper = Helper {
+            child: None,
+            socket,
+            reader,
+            ready: false,
+        };
+        let open = Request::Open {
+            module_id: module_id.to_owned(),
+            policy,
+        };
+        let mut line = serde_json::to_vec(&open).map_err(Error::Answer)?;
+        line.push(b'\n');
+        helper.socket.write_all(&line).map_err(Error::Talk)?;
+        Ok(helper)
     }
 
     fn wait_ready(&mut self) -> Result<(), Error> {
@@ -264,8 +330,10 @@ impl Helper {
 impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -290,7 +358,7 @@ impl Attestation {
             event_log: None,
         };
         if a.measures_every_launch() {
-            a.helper = Some(Helper::spawn(&a.config, &a.module_id)?);
+            a.helper = Some(a.start_helper()?);
         }
         Ok(a)
     }
@@ -305,7 +373,16 @@ impl Attestation {
 
     /// Whether every launch must be measured (a document may be asked for, or a policy checked).
     pub fn measures_every_launch(&self) -> bool {
-        self.config.keys.is_some() || self.config.policy.is_some()
+        self.config.keys.is_some() || self.config.policy.is_some() || self.config.service.is_some()
+    }
+
+    fn start_helper(&self) -> Result<Helper, Error> {
+        match &self.config.service {
+            Some(service) => {
+                Helper::connect(service, self.config.policy.as_deref(), &self.module_id)
+            }
+            None => Helper::spawn(&self.config, &self.module_id),
+        }
     }
 
     pub fn measured(&self) -> bool {
@@ -314,7 +391,7 @@ impl Attestation {
 
     fn helper(&mut self) -> Result<&mut Helper, Error> {
         if self.helper.is_none() {
-            self.helper = Some(Helper::spawn(&self.config, &self.module_id)?);
+            self.helper = Some(self.start_helper()?);
         }
         self.helper.as_mut().ok_or(Error::Unexpected)
     }
@@ -367,10 +444,10 @@ impl Attestation {
 
     /// `GET /attestation?<query>`.
     pub fn document(&mut self, query: &str) -> Result<ApiResponse, ApiError> {
-        if self.config.keys.is_none() {
+        if self.config.keys.is_none() && self.config.service.is_none() {
             return Err(ApiError::conflict(
-                "No attestation key configured: start outboard-vmm with --attest-key, \
-                 --attest-cert and --attest-cabundle",
+                "No attestation key configured: start outboard-vmm with --attest-service, or \
+                 --attest-key, --attest-cert and --attest-cabundle",
             ));
         }
         if !self.measured() {
@@ -453,6 +530,24 @@ pub fn canonical_config(config: &VmmConfig) -> serde_json::Value {
         "memory_bytes": config.mem_bytes(),
         "devices": devices,
     })
+}
+
+/// A launch policy's text, bounded so it fits one protocol line.
+fn read_policy(path: &Path) -> Result<String, Error> {
+    let err = |source| Error::ReadPolicy {
+        path: path.to_owned(),
+        source,
+    };
+    let mut text = String::new();
+    File::open(path)
+        .map_err(err)?
+        .take(MAX_MESSAGE as u64 / 2 + 1)
+        .read_to_string(&mut text)
+        .map_err(err)?;
+    if text.len() > MAX_MESSAGE / 2 {
+        return Err(Error::PolicyTooLarge(path.to_owned()));
+    }
+    Ok(text)
 }
 
 /// Zeroes all of guest memory by punching its memfd empty: the pages are freed and every later
@@ -561,6 +656,7 @@ mod tests {
                 passphrase_file: None,
             }),
             policy: Some("/p".into()),
+            service: None,
         };
         assert_eq!(
             config.helper_args("vm-1", 42),
