@@ -111,12 +111,9 @@ pub fn phase1(
     for _ in 0..runs {
         let t = Instant::now();
         let mut m = Measurements::new();
-        m.measure_kernel_in_guest(&mem, &kernel_layout, kernel_at)
+        let initrd = inputs.initrd.map(|_| (initrd_at, initrd_len));
+        m.measure_kernel_and_initrd_in_guest(&mem, &kernel_layout, kernel_at, initrd)
             .map_err(Error::Guest)?;
-        if inputs.initrd.is_some() {
-            m.measure_initrd_in_guest(&mem, initrd_at, initrd_len)
-                .map_err(Error::Guest)?;
-        }
         m.measure_cmdline_in_guest(&mem, cmdline_at, inputs.cmdline.len() as u64)
             .map_err(Error::Guest)?;
         m.measure_config(inputs.config).map_err(Error::Measure)?;

@@ -32,8 +32,8 @@
 //!              m = Measurements::new()
 //!              m.measure_running_vmm()?                              // PCR0, /proc/self/exe
 //!              layout = KernelLayout::parse(&kernel_file)?           // which file bytes the loader placed
-//!              m.measure_kernel_in_guest(&mem, &layout, base)?       // PCR2; base = kernel_load (bzImage), kernel_offset or 0 (ELF)
-//!              m.measure_initrd_in_guest(&mem, initrd_addr, initrd_len)?                     // PCR3
+//!              m.measure_kernel_and_initrd_in_guest(&mem, &layout, base, Some((initrd_addr, initrd_len)))?
+//!                                                                    // PCR2 and PCR3 on two threads; base = kernel_load (bzImage), kernel_offset or 0 (ELF)
 //!              m.measure_cmdline_in_guest(&mem, cmdline_addr, cmdline_len_with_nul)?         // PCR4
 //!              m.measure_config(&CanonicalVmConfig { vcpus, memory_bytes, devices })?         // PCR5
 //!              m.measure_signing_certificate(signer.certificate_der())                        // PCR8

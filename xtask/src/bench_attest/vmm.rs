@@ -13,6 +13,7 @@
 //! | `vmm_service_added_ms`, `vmm_service_added_min_ms`, `vmm_service_pct_of_boot`, `vmm_service_min_pct_of_boot` | what measuring through the service adds, as above |
 //! | `vmm_phase1_doc_ms` | `--no-start` with a key: start to a signed document received over the API (test guest) |
 //! | `stock_phase1_doc_ms` | the same for the stock kernel and initramfs (512 MiB): phase 1 loads it without running it |
+//! | `stock_service_phase1_doc_ms` | the same through the host's attestation service |
 //!
 //! Unattested, per-VM-helper and service runs alternate, so drifting host load hits all alike.
 //! Medians.
@@ -149,13 +150,18 @@ fn measure_all(
 
     let (mut entry, mut attested_entry, mut ready) = (Vec::new(), Vec::new(), Vec::new());
     let mut service_entry = Vec::new();
-    let (mut phase1_doc, mut stock_doc) = (Vec::new(), Vec::new());
+    let (mut phase1_doc, mut stock_doc, mut stock_service_doc) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let service_flags = vec![
+        "--attest-service".to_owned(),
+        service.socket.display().to_string(),
+    ];
     for i in 0..runs {
         let (e, r) = boot(&mut unattested()).with_context(|| format!("unattested run {i}"))?;
         let (a, _) = boot(&mut attested()).with_context(|| format!("attested run {i}"))?;
         let (s, _) =
             boot(&mut through_service()).with_context(|| format!("service-attested run {i}"))?;
-        let doc = phase1_document(setup, &setup.guest, None, "128M", i)
+        let doc = phase1_document(setup, &setup.guest, None, "128M", i, &setup.key_flags())
             .with_context(|| format!("phase-1 run {i}"))?;
         println!(
             "bench attest: run {i:>2}: first KVM_RUN {e:>7.2} ms unattested, {a:>7.2} ms attested (helper), {s:>7.2} ms attested (service); ready {r:>8.1} ms; phase 1 + document {doc:>7.2} ms"
@@ -168,8 +174,20 @@ fn measure_all(
     }
     if Path::new(stock_kernel).exists() {
         for i in 0..runs.min(5) {
-            let doc = phase1_document(setup, Path::new(stock_kernel), stock_initrd, "512M", i)
+            let kernel = Path::new(stock_kernel);
+            let doc = phase1_document(setup, kernel, stock_initrd, "512M", i, &setup.key_flags())
                 .with_context(|| format!("stock kernel phase-1 run {i}"))?;
+            let via_service = phase1_document(
+                setup,
+                kernel,
+                stock_initrd,
+                "512M",
+                i + runs,
+                &service_flags,
+            )
+            .with_context(|| format!("stock kernel phase-1 run {i} (service)"))?;
+            println!("bench attest: stock kernel run {i}: phase 1 + document {via_service:.1} ms through the service");
+            stock_service_doc.push(via_service);
             println!("bench attest: stock kernel run {i}: phase 1 + document {doc:.1} ms");
             stock_doc.push(doc);
         }
@@ -194,7 +212,11 @@ fn measure_all(
         service_added_min / ready * 100.0,
     ));
     if !stock_doc.is_empty() {
-        line.push_str(&format!(" stock_phase1_doc_ms={:.1}", median(stock_doc)));
+        line.push_str(&format!(
+            " stock_phase1_doc_ms={:.1} stock_service_phase1_doc_ms={:.1}",
+            median(stock_doc),
+            median(stock_service_doc)
+        ));
     }
     Ok(line)
 }
@@ -324,12 +346,13 @@ fn phase1_document(
     initrd: Option<&str>,
     memory: &str,
     run: usize,
+    attest_flags: &[String],
 ) -> Result<f64> {
     let sock = setup.dir.join(format!("api-{run}.sock"));
     let mut cmd = setup.base(kernel, memory);
     cmd.args(["--cmdline", CMDLINE, "--no-start", "--api-sock"])
         .arg(&sock)
-        .args(setup.key_flags())
+        .args(attest_flags)
         .stdout(Stdio::null());
     if let Some(initrd) = initrd {
         cmd.args(["--initrd", initrd]);

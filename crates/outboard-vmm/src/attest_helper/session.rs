@@ -110,10 +110,13 @@ impl Session {
         let image = std::fs::read(&req.kernel_path)
             .with_context(|| format!("Cannot read kernel {}", req.kernel_path.display()))?;
         let layout = KernelLayout::parse(&image)?;
-        m.measure_kernel_in_guest(&mem, &layout, GuestAddress(req.kernel_image_base))?;
-        if let Some((addr, size)) = req.initrd {
-            m.measure_initrd_in_guest(&mem, GuestAddress(addr), size)?;
-        }
+        let initrd = req.initrd.map(|(addr, size)| (GuestAddress(addr), size));
+        m.measure_kernel_and_initrd_in_guest(
+            &mem,
+            &layout,
+            GuestAddress(req.kernel_image_base),
+            initrd,
+        )?;
         m.measure_cmdline_in_guest(&mem, GuestAddress(req.cmdline_addr), req.cmdline_len)?;
         let config: CanonicalVmConfig =
             serde_json::from_value(req.config.clone()).context("Bad VM configuration")?;
