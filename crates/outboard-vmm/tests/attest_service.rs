@@ -202,11 +202,22 @@ fn hostile_clients_get_errors_and_the_service_keeps_serving() {
     }
     // A client that is not a VMM is measured as what it is: the service opens a session for
     // it with PCR0 = its own binary, never something it names.
-    let answers = raw_session(
-        &service.socket,
-        &[b"{\"op\":\"open\",\"module_id\":\"impostor\",\"policy\":null}\n"],
+    // It also cannot make the service open a file by naming it: the kernel travels as a
+    // descriptor or the request fails.
+    let measure = br#"{"op":"measure","memory_bytes":4096,"kernel_path":"/etc/shadow","kernel_image_base":0,"initrd":null,"cmdline_addr":0,"cmdline_len":1,"config":{}}"#;
+    let mut s = UnixStream::connect(&service.socket).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut answers = BufReader::new(s.try_clone().unwrap()).lines();
+    s.write_all(b"{\"op\":\"open\",\"module_id\":\"impostor\",\"policy\":null}\n")
+        .unwrap();
+    assert_eq!(answers.next().unwrap().unwrap(), r#"{"result":"ready"}"#);
+    s.write_all(&[&measure[..], b"\n"].concat()).unwrap();
+    let answer = answers.next().unwrap().unwrap();
+    assert!(
+        answer.contains("without guest memory and kernel file"),
+        "{answer}"
     );
-    assert_eq!(answers, [r#"{"result":"ready"}"#]);
+    drop(s);
     let line = service.wait_for("session for impostor ");
     assert!(
         line.contains(&format!("/proc/{}/exe", std::process::id())),

@@ -28,8 +28,9 @@
 //!  outboard-vmm ──socketpair (the helper's stdin) or the service's socket, one JSON line each
 //!                 way per request──► helper
 //!     Open {module id, policy text} ─►       (service only) a session for this VM
-//!     Measure + guest memfd (SCM_RIGHTS) ─►  measure /proc/<vmm>/exe, kernel, initrd, cmdline
-//!                                            (read back from guest memory), config, certificate
+//!     Measure + guest memfd + kernel file    measure kernel, initrd, cmdline (read back from
+//!       (SCM_RIGHTS) ─►                      guest memory; the kernel file only says where its
+//!                                            bytes went), config, certificate
 //!     CheckPolicy ─►                         approve or refuse (naming the PCRs)
 //!     Document {query} ─►                    COSE_Sign1 document, hex
 //! ```
@@ -84,6 +85,12 @@ pub enum Error {
     },
     #[error("Cannot read the launch policy {path}")]
     ReadPolicy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Cannot open kernel {path} to measure it")]
+    OpenKernel {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -172,7 +179,8 @@ pub enum Request {
         module_id: String,
         policy: Option<String>,
     },
-    /// Measure the loaded VM; the guest memory memfd travels with this line (SCM_RIGHTS).
+    /// Measure the loaded VM; the guest memory memfd and the kernel file travel with this line
+    /// (SCM_RIGHTS, in that order), so the helper never opens a path the VMM names.
     Measure(MeasureRequest),
     /// Check the measurements against the launch policy.
     CheckPolicy,
@@ -185,6 +193,7 @@ pub enum Request {
 #[serde(deny_unknown_fields)]
 pub struct MeasureRequest {
     pub memory_bytes: u64,
+    /// The kernel file's name, for messages (the file itself is sent as a descriptor).
     pub kernel_path: PathBuf,
     /// Guest address the kernel file's loaded regions are relative to.
     pub kernel_image_base: u64,
@@ -297,19 +306,19 @@ impl Helper {
         Ok(())
     }
 
-    fn call(&mut self, request: &Request, fd: Option<&File>) -> Result<Response, Error> {
+    fn call(&mut self, request: &Request, files: &[&File]) -> Result<Response, Error> {
         self.wait_ready()?;
         let mut line = serde_json::to_vec(request).map_err(Error::Answer)?;
         line.push(b'\n');
-        match fd {
-            Some(f) => {
-                let sent = self
-                    .socket
-                    .send_with_fd(&line[..], f.as_raw_fd())
-                    .map_err(|e| Error::Talk(e.into()))?;
-                self.socket.write_all(&line[sent..]).map_err(Error::Talk)?;
-            }
-            None => self.socket.write_all(&line).map_err(Error::Talk)?,
+        if files.is_empty() {
+            self.socket.write_all(&line).map_err(Error::Talk)?;
+        } else {
+            let fds: Vec<_> = files.iter().map(|f| f.as_raw_fd()).collect();
+            let sent = self
+                .socket
+                .send_with_fds(&[&line[..]], &fds)
+                .map_err(|e| Error::Talk(e.into()))?;
+            self.socket.write_all(&line[sent..]).map_err(Error::Talk)?;
         }
         self.receive()
     }
@@ -404,6 +413,10 @@ impl Attestation {
             .as_ref()
             .map(|b| b.kernel_image_path.clone())
             .unwrap_or_default();
+        let kernel = File::open(&kernel_path).map_err(|source| Error::OpenKernel {
+            path: kernel_path.clone(),
+            source,
+        })?;
         let request = Request::Measure(MeasureRequest {
             memory_bytes: vm.ram().size(),
             kernel_path,
@@ -417,7 +430,7 @@ impl Attestation {
         let helper = self.helper()?;
         helper.wait_ready()?;
         crate::trace::mark("attestation helper ready");
-        match helper.call(&request, Some(vm.ram().memfd()))? {
+        match helper.call(&request, &[vm.ram().memfd(), &kernel])? {
             Response::Measured { event_log } => {
                 crate::trace::mark("phase 1 measured");
                 self.event_log = Some(event_log);
@@ -434,7 +447,7 @@ impl Attestation {
         if self.config.policy.is_none() {
             return Ok(None);
         }
-        match self.helper()?.call(&Request::CheckPolicy, None)? {
+        match self.helper()?.call(&Request::CheckPolicy, &[])? {
             Response::Approved => Ok(None),
             Response::Refused { message } => Ok(Some(message)),
             Response::Failed { message, .. } => Err(Error::Helper(message)),
@@ -457,7 +470,7 @@ impl Attestation {
             query: query.to_owned(),
         };
         let internal = |e: Error| ApiError::internal(crate::error_chain(&e));
-        match self.helper().map_err(internal)?.call(&request, None) {
+        match self.helper().map_err(internal)?.call(&request, &[]) {
             Ok(Response::Document { cbor_hex }) => Ok(ApiResponse::Bytes {
                 content_type: DOCUMENT_CONTENT_TYPE,
                 body: hex::decode(cbor_hex).map_err(|_| internal(Error::Unexpected))?,

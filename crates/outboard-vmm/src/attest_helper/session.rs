@@ -72,13 +72,16 @@ impl Session {
     /// Answers requests on `socket` until the VMM closes it.
     pub fn serve(&mut self, socket: &UnixStream) -> Result<()> {
         let mut out = BufWriter::new(socket.try_clone().context("Cannot use the socket")?);
-        while let Some((line, fd)) = receive(socket)? {
+        while let Some((line, files)) = receive(socket)? {
             let response = match serde_json::from_slice::<Request>(&line) {
                 Err(e) => failed(400, format!("Malformed request: {e}")),
                 Ok(Request::Open { .. }) => failed(409, "The session is already open".into()),
-                Ok(Request::Measure(req)) => match fd {
-                    Some(memfd) => self.measure(&req, memfd),
-                    None => failed(400, "Measure request without guest memory".into()),
+                Ok(Request::Measure(req)) => match <[File; 2]>::try_from(files) {
+                    Ok([memfd, kernel]) => self.measure(&req, memfd, kernel),
+                    Err(_) => failed(
+                        400,
+                        "Measure request without guest memory and kernel file".into(),
+                    ),
                 },
                 Ok(Request::CheckPolicy) => self.check_policy(),
                 Ok(Request::Document { query }) => self.document(&query),
@@ -88,11 +91,11 @@ impl Session {
         Ok(())
     }
 
-    fn measure(&mut self, req: &MeasureRequest, memfd: File) -> Response {
+    fn measure(&mut self, req: &MeasureRequest, memfd: File, kernel: File) -> Response {
         let Some(m) = self.host_measured.take() else {
             return failed(409, "The VM has already been measured".into());
         };
-        match self.try_measure(m, req, memfd) {
+        match self.try_measure(m, req, memfd, kernel) {
             Ok(log) => Response::Measured { event_log: log },
             Err(e) => failed(500, format!("{e:#}")),
         }
@@ -103,11 +106,12 @@ impl Session {
         mut m: Measurements,
         req: &MeasureRequest,
         memfd: File,
+        mut kernel: File,
     ) -> Result<serde_json::Value> {
         let mem = map_guest(memfd, req.memory_bytes)?;
-        // The file is read again by path: one swapped since loading makes PCR2 disagree with any
-        // prediction, so it fails closed.
-        let image = std::fs::read(&req.kernel_path)
+        // The kernel file only tells which guest bytes are the kernel: a file other than the one
+        // loaded makes PCR2 disagree with any prediction, so it fails closed.
+        let image = read_bounded(&mut kernel, MAX_KERNEL)
             .with_context(|| format!("Cannot read kernel {}", req.kernel_path.display()))?;
         let layout = KernelLayout::parse(&image)?;
         let initrd = req.initrd.map(|(addr, size)| (GuestAddress(addr), size));
@@ -189,30 +193,68 @@ pub fn send(out: &mut BufWriter<UnixStream>, response: &Response) -> Result<()> 
     out.flush().context("Cannot answer the VMM")
 }
 
-/// The next request line and the file descriptor sent with it; `None` when the VMM is gone.
+/// Largest kernel file read to find its layout (a bzImage is tens of MiB at most).
+const MAX_KERNEL: u64 = 512 << 20;
+/// Most descriptors one request carries (Measure: guest memory and kernel file). The kernel
+/// closes any beyond these.
+const MAX_FILES: usize = 2;
+
+fn read_bounded(file: &mut File, max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        bail!("The file exceeds {max} bytes");
+    }
+    Ok(bytes)
+}
+
+/// The next request line and the descriptors sent with it; `None` when the VMM is gone.
 /// The VMM sends one request at a time and waits for the answer, so a line never straddles two.
-pub fn receive(socket: &UnixStream) -> Result<Option<(Vec<u8>, Option<File>)>> {
+pub fn receive(socket: &UnixStream) -> Result<Option<(Vec<u8>, Vec<File>)>> {
     let mut line = Vec::new();
-    let mut fd = None;
+    let mut files = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let (n, file) = socket
-            .recv_with_fd(&mut buf)
-            .context("Cannot read a request")?;
-        if file.is_some() {
-            fd = file;
+        let (n, received) = recv_with_files(socket, &mut buf).context("Cannot read a request")?;
+        files.extend(received);
+        if files.len() > MAX_FILES {
+            bail!("Request carries more than {MAX_FILES} descriptors");
         }
         if n == 0 {
             return Ok(None);
         }
         line.extend_from_slice(&buf[..n]);
         if line.ends_with(b"\n") {
-            return Ok(Some((line, fd)));
+            return Ok(Some((line, files)));
         }
         if line.len() > MAX_MESSAGE {
             bail!("Request exceeds {MAX_MESSAGE} bytes");
         }
     }
+}
+
+/// One `recvmsg` into `buf` with up to [`MAX_FILES`] descriptors, each owned as a `File`.
+fn recv_with_files(socket: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<File>)> {
+    use std::os::fd::{FromRawFd, RawFd};
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    let mut fds: [RawFd; MAX_FILES] = [-1; MAX_FILES];
+    // SAFETY: the one iovec covers `buf`, which we borrow mutably for the call, so the kernel
+    // may write any bytes there.
+    let (n, count) = unsafe { socket.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let files = fds[..count.min(MAX_FILES)]
+        .iter()
+        .map(|fd| {
+            // SAFETY: recvmsg just installed these descriptors in this process for us; nothing
+            // else owns them.
+            unsafe { File::from_raw_fd(*fd) }
+        })
+        .collect();
+    Ok((n, files))
 }
 
 /// Loads the host's attestation key, certificate and CA bundle.
