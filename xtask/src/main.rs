@@ -11,6 +11,7 @@
 //! | `bench disk` | VMM CPU and wake-ups per I/O of a vhost-user disk, against QEMU; `RESULT disk` line |
 //! | `bench attest` | phase-1 measurement and attestation document cost |
 //! | `bench storage` | card storage vs qemu-storage-daemon through one load generator |
+//! | `fuzz [--seconds N] [TARGET…]` | every cargo-fuzz target for N s each (nightly + cargo-fuzz) |
 //! | `bench net` | card overlay (hash, spray, adaptive) vs the kernel's tunnel over two shaped paths |
 
 mod bench_attest;
@@ -18,6 +19,7 @@ mod bench_boot;
 mod bench_disk;
 mod bench_net;
 mod bench_storage;
+mod fuzz;
 mod guest_linux;
 mod guest_test;
 mod guest_tiny;
@@ -34,6 +36,7 @@ fn main() -> Result<()> {
         Some("guest") => guest(&rest),
         Some("run") => run_main_job(),
         Some("test") => test(&rest),
+        Some("fuzz") => fuzz::run(&rest),
         Some("bench") => match rest.first().copied() {
             Some("boot") => bench_boot::run(&rest[1..]),
             Some("disk") => bench_disk::run(&rest[1..]),
@@ -43,7 +46,7 @@ fn main() -> Result<()> {
             other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk, net"),
         },
         _ => {
-            eprintln!("usage: cargo xtask <setup|guest|run|test|bench NAME>");
+            eprintln!("usage: cargo xtask <setup|guest|run|test|fuzz|bench NAME>");
             bail!("No command given")
         }
     }
