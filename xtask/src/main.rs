@@ -12,11 +12,13 @@
 //! | `bench attest` | phase-1 measurement and attestation document cost |
 //! | `bench storage` | card storage vs qemu-storage-daemon through one load generator |
 //! | `fuzz [--seconds N] [TARGET…]` | every cargo-fuzz target for N s each (nightly + cargo-fuzz) |
+//! | `bench live-update` | live update pause and total time (128 MiB / 4 GiB, 1 / 2 vCPUs) against snapshot + restore; `RESULT live-update` line |
 //! | `bench net` | card overlay (hash, spray, adaptive) vs the kernel's tunnel over two shaped paths |
 
 mod bench_attest;
 mod bench_boot;
 mod bench_disk;
+mod bench_live_update;
 mod bench_net;
 mod bench_storage;
 mod fuzz;
@@ -43,7 +45,8 @@ fn main() -> Result<()> {
             Some("attest") => bench_attest::run(&rest[1..]),
             Some("storage") => bench_storage::run(&rest[1..]),
             Some("net") => bench_net::run(&rest[1..]),
-            other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk, net"),
+            Some("live-update") => bench_live_update::run(&rest[1..]),
+            other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk, net, live-update"),
         },
         _ => {
             eprintln!("usage: cargo xtask <setup|guest|run|test|fuzz|bench NAME>");

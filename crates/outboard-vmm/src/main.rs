@@ -97,7 +97,7 @@ fn successor(fd: i32) -> Result<i32> {
             return Err(e).context("Cannot use KVM");
         }
     };
-    let incoming = live_update::receive(&channel).context("Cannot receive the VM")?;
+    let incoming = live_update::receive(&channel, &hv).context("Cannot receive the VM")?;
     let handover = incoming.config.clone();
     let config = outboard_vmm::VmmConfig {
         serial: outboard_api_types::SerialConfig {

@@ -2,25 +2,42 @@
 //! pause of the vCPUs, no copy of guest memory and no reboot.
 //!
 //! A KVM VM fd only works in the process that created it, so the successor builds its own KVM
-//! VM and restores the saved state into it; guest RAM (the memfd) and the API listener are
-//! passed with SCM_RIGHTS over a socketpair the successor inherits as `--live-update-fd N`.
+//! VM and restores the saved state into it; guest RAM (the memfd), a new API listener and each
+//! virtio device's vhost-user socket, inflight region and queue eventfds are passed with
+//! SCM_RIGHTS over a socketpair the successor inherits as `--live-update-fd N`. The backends
+//! keep their connections: the old VMM stops the rings (GET_VRING_BASE) and the successor
+//! restarts them from the same bases on the same socket, so a backend never sees a disconnect.
 //!
 //! ```text
 //!   old VMM                                        successor (--live-update-fd N)
 //!   spawn successor ─────────────────────────────► opens KVM
 //!          ◄──────────────────────────── Hello {version}
-//!   pause vCPUs (t0), save VmState
-//!   Handover {config} + [memfd, listener], state ─►
-//!                                                  build VM on the memfd, restore, vCPUs parked
+//!   Prepare {vCPUs, MiB, devices}                  KVM VM on the memfd, vCPUs, devices with
+//!     + [memfd, device fds] ─────────────────────► their ioeventfds (the guest still runs)
+//!          ◄──────────────────────────── Prepared
+//!   pause vCPUs and rings (t0), save VmState,
+//!   let go of the irqfds (MSI-X function mask)
+//!   Handover {config} + [listener] ──────────────►
+//!   state ───────────────────────────────────────► restore into the prepared VM: registers,
+//!                                                  vrings, MSI-X routes and irqfds (not a word
+//!                                                  to the backends yet)
 //!          ◄──────────────────────────── Ready
-//!   Commit {t0} ─────────────────────────────────► resume vCPUs; pause = now − t0
-//!   exit (LiveUpdated)
+//!   Commit {t0} ─────────────────────────────────►
+//!          ◄──────────────────────────── Resuming      (the commit point)
+//!   rename the new API socket over the path;       kvmclock advanced past the pause, restart
+//!   exit (LiveUpdated)                             rings, resume vCPUs; pause = now − t0
 //! ```
 //!
-//! Until `Commit` is sent the old VMM owns the guest: any failure before it (the successor exits,
-//! says `Failed`, sends garbage or is silent for [`STEP_TIMEOUT`]) kills the successor and
-//! resumes the guest on the old VMM. After `Commit` the old VMM never runs the guest again, so the
-//! guest never runs in two processes.
+//! Until `Resuming` arrives the old VMM owns the guest: any failure before it (the successor
+//! exits, says `Failed`, sends garbage or is silent for [`STEP_TIMEOUT`]) kills the successor,
+//! gives the irqfds back and resumes the guest and its rings on the old VMM. The successor says
+//! `Resuming` before it touches the guest or a backend, so the guest never runs in two
+//! processes and a backend never hears from both.
+//!
+//! Why the irqfds move inside the pause: KVM binds an eventfd to the irqfd of one VM at a time
+//! (EBUSY otherwise), so the successor's VM can only take the queues' call eventfds once the
+//! old VM let go. The ioeventfds have no such limit and each costs an SRCU grace period
+//! (milliseconds on a busy host), so they are registered while the guest still runs.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -35,8 +52,14 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame accepted (the state document of a small VM is tens of KiB).
 const MAX_FRAME: u64 = crate::snapshot::MAX_PAYLOAD;
-/// Most descriptors one frame carries.
-const MAX_FDS: usize = 8;
+/// Most descriptors one frame carries (the kernel's SCM_MAX_FD is 253).
+const MAX_FDS: usize = 250;
+/// Test hook: a successor with `OUTBOARD_VMM_TEST_KILL_AT=<step>` in its environment kills
+/// itself with SIGKILL at that step (`hello`, `handover`, `ready`), to prove rollback.
+pub const TEST_KILL_ENV: &str = "OUTBOARD_VMM_TEST_KILL_AT";
+/// With `OUTBOARD_VMM_TEST_STATE_COPY=<path>`, the old VMM writes the state document it handed
+/// over to `path` after the commit (how `tests/fixtures/vmstate-v2.obvm` was made).
+pub const TEST_STATE_COPY_ENV: &str = "OUTBOARD_VMM_TEST_STATE_COPY";
 
 /// Errors of the handover protocol.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +86,14 @@ pub enum Message {
     Hello {
         vmm_version: String,
     },
+    /// Carries the memfd: the successor builds its KVM VM and vCPUs while the guest runs.
+    Prepare {
+        vcpu_count: u32,
+        mem_size_mib: u64,
+        /// The virtio devices as they are now; their descriptors follow the memfd.
+        devices: Vec<crate::snapshot::PciDeviceState>,
+    },
+    Prepared,
     /// Followed by one raw frame with the encoded [`crate::snapshot::VmState`].
     Handover(HandoverConfig),
     Ready,
@@ -70,6 +101,8 @@ pub enum Message {
         /// CLOCK_MONOTONIC ns when the old VMM began to pause the vCPUs.
         paused_at_ns: u64,
     },
+    /// The successor takes the guest: from here on the old VMM must never run it.
+    Resuming,
     Failed {
         reason: String,
     },
@@ -85,6 +118,10 @@ pub struct HandoverConfig {
     pub api_sock: Option<PathBuf>,
     /// Whether the guest was running (else it stays paused in the successor).
     pub running: bool,
+    /// CLOCK_MONOTONIC ns when the state's kvmclock was read: the successor advances the clock
+    /// by the time since, so the guest's clock doesn't fall behind by each update's pause.
+    #[serde(default)]
+    pub clock_read_at_ns: u64,
 }
 
 /// CLOCK_MONOTONIC in ns: one clock for both processes.
@@ -152,6 +189,12 @@ impl Channel {
             // SAFETY: recvmsg just installed these descriptors in this process; we own them.
             .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
             .collect();
+        for fd in &fds {
+            // recvmsg (without MSG_CMSG_CLOEXEC) leaves them inheritable: this process's own
+            // successor must not inherit a copy of every descriptor of every generation.
+            // SAFETY: F_SETFD on a descriptor we own changes only its flags.
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
         if read == 0 {
             return Err(Error::Closed);
         }
@@ -201,12 +244,25 @@ fn closed_or_io(e: std::io::Error) -> Error {
 pub struct Incoming {
     pub config: HandoverConfig,
     pub state: crate::snapshot::VmState,
-    pub memfd: std::fs::File,
+    /// KVM VM on the predecessor's guest RAM, and vCPUs, made before the pause.
+    pub prepared: crate::vm::PreparedVm,
     pub api_listener: Option<std::os::unix::net::UnixListener>,
 }
 
-/// Successor side: says hello and receives the VM. Errors are reported to the old VMM too.
-pub fn receive(channel: &Channel) -> Result<Incoming, crate::Error> {
+/// The [`TEST_KILL_ENV`] hook: dies here, abruptly, when asked to.
+pub fn test_kill_point(step: &str) {
+    if std::env::var(TEST_KILL_ENV).is_ok_and(|s| s == step) {
+        // SAFETY: raising a signal in this process has no memory-safety preconditions.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
+
+/// Successor side: says hello, prepares the VM while the guest still runs, and receives it.
+/// Errors are reported to the old VMM too.
+pub fn receive(
+    channel: &Channel,
+    hv: &outboard_hypervisor::Hypervisor,
+) -> Result<Incoming, crate::Error> {
     let result = (|| -> Result<Incoming, crate::Error> {
         channel.send(
             &Message::Hello {
@@ -214,16 +270,43 @@ pub fn receive(channel: &Channel) -> Result<Incoming, crate::Error> {
             },
             &[],
         )?;
+        test_kill_point("hello");
+        let (message, mut fds) = channel.recv()?;
+        let prepare_started = monotonic_ns();
+        let Message::Prepare {
+            vcpu_count,
+            mem_size_mib,
+            devices,
+        } = message
+        else {
+            return Err(Error::Unexpected("Prepare").into());
+        };
+        if fds.is_empty() {
+            return Err(Error::NoMemfd.into());
+        }
+        let memfd = std::fs::File::from(fds.remove(0));
+        let vm_config = crate::VmmConfig {
+            machine: outboard_api_types::MachineConfig {
+                vcpu_count,
+                mem_size_mib,
+            },
+            ..Default::default()
+        };
+        let ram = outboard_boot::GuestRam::from_memfd(memfd, vm_config.mem_bytes())
+            .map_err(crate::vm::Error::from)?;
+        let prepared = crate::vm::Vm::prepare(hv, &vm_config, ram, Some((&devices, fds)))?;
+        channel.send(&Message::Prepared, &[])?;
+        crate::status_line!(
+            "outboard-vmm: live update: VM prepared in {:.3} ms (the guest still runs)",
+            (monotonic_ns() - prepare_started) as f64 / 1e6
+        );
         let (message, mut fds) = channel.recv()?;
         let Message::Handover(config) = message else {
             return Err(Error::Unexpected("Handover").into());
         };
         let (state, _) = channel.recv_frame()?;
+        test_kill_point("handover");
         let state = crate::snapshot::decode(&state)?;
-        if fds.is_empty() {
-            return Err(Error::NoMemfd.into());
-        }
-        let memfd = std::fs::File::from(fds.remove(0));
         let api_listener = match (&config.api_sock, fds.pop()) {
             (Some(_), Some(fd)) => Some(std::os::unix::net::UnixListener::from(fd)),
             _ => None,
@@ -231,7 +314,7 @@ pub fn receive(channel: &Channel) -> Result<Incoming, crate::Error> {
         Ok(Incoming {
             config,
             state,
-            memfd,
+            prepared,
             api_listener,
         })
     })();
@@ -249,6 +332,43 @@ pub fn report_failure(channel: &Channel, error: &dyn std::error::Error) {
         },
         &[],
     );
+}
+
+/// The API socket a successor serves: bound beside the API path and renamed over it at the
+/// commit point, so every connection made after the update reaches the successor (a listener
+/// shared by both processes would let the old one accept, and drop, some of them).
+#[derive(Debug)]
+struct NextListener {
+    listener: std::os::unix::net::UnixListener,
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+impl NextListener {
+    fn bind(path: &std::path::Path) -> Result<Self, Error> {
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(format!(".next-{}", std::process::id()));
+        let temp = PathBuf::from(temp);
+        let _ = std::fs::remove_file(&temp);
+        let listener = std::os::unix::net::UnixListener::bind(&temp).map_err(Error::Io)?;
+        Ok(NextListener {
+            listener,
+            temp,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Makes the API path reach the successor (atomically: no connect fails).
+    fn publish(self) -> Result<(), Error> {
+        std::fs::rename(&self.temp, &self.path).map_err(Error::Io)
+    }
+}
+
+impl Drop for NextListener {
+    fn drop(&mut self) {
+        // After `publish` this finds nothing; after a rollback it removes the unused socket.
+        let _ = std::fs::remove_file(&self.temp);
+    }
 }
 
 /// Starts `binary` with the child end of a socketpair as `--live-update-fd N`.
@@ -288,25 +408,50 @@ pub fn hand_over(
     binary: &std::path::Path,
     config: HandoverConfig,
     running: bool,
-    api_listener: Option<RawFd>,
 ) -> Result<HandoverTimes, crate::Error> {
     let (mut child, channel) = spawn_successor(binary)?;
     let mut paused = false;
+    let mut released = None;
     let result = (|| -> Result<HandoverTimes, crate::Error> {
         let (hello, _) = channel.recv()?;
         let Message::Hello { vmm_version } = hello else {
             return Err(Error::Unexpected("Hello").into());
         };
         log::info!("Live update to outboard-vmm {vmm_version}");
+        let machine = &vm.config().machine;
+        let (devices, device_fds) = vm.pci().handover().map_err(crate::vm::Error::from)?;
+        let mut fds = vec![vm.ram().memfd().as_raw_fd()];
+        fds.extend(device_fds.iter().map(AsRawFd::as_raw_fd));
+        channel.send(
+            &Message::Prepare {
+                vcpu_count: machine.vcpu_count,
+                mem_size_mib: machine.mem_size_mib,
+                devices,
+            },
+            &fds,
+        )?;
+        drop(device_fds);
+        match channel.recv()? {
+            (Message::Prepared, _) => {}
+            _ => return Err(Error::Unexpected("Prepared").into()),
+        }
+        let next = config
+            .api_sock
+            .as_deref()
+            .map(NextListener::bind)
+            .transpose()?;
         let paused_at_ns = monotonic_ns();
         if running {
             vm.pause()?;
             paused = true;
         }
-        let state = crate::snapshot::encode(&vm.save_state(hv)?)?;
+        let state = vm.handover_state(hv)?;
+        let mut config = config;
+        config.clock_read_at_ns = monotonic_ns();
+        let state = crate::snapshot::encode(&state)?;
+        released = Some(vm.pci().release_interrupts());
         let state_saved_ms = (monotonic_ns() - paused_at_ns) as f64 / 1e6;
-        let mut fds = vec![vm.ram().memfd().as_raw_fd()];
-        fds.extend(api_listener);
+        let fds: Vec<RawFd> = next.iter().map(|n| n.listener.as_raw_fd()).collect();
         channel.send(&Message::Handover(config), &fds)?;
         channel.send_frame(&state, &[])?;
         match channel.recv()? {
@@ -314,6 +459,20 @@ pub fn hand_over(
             _ => return Err(Error::Unexpected("Ready").into()),
         }
         channel.send(&Message::Commit { paused_at_ns }, &[])?;
+        match channel.recv()? {
+            (Message::Resuming, _) => {}
+            _ => return Err(Error::Unexpected("Resuming").into()),
+        }
+        vm.pci().detach();
+        if let Some(path) = std::env::var_os(TEST_STATE_COPY_ENV) {
+            let _ = std::fs::write(path, &state);
+        }
+        if let Some(next) = next {
+            // The successor runs the guest now: a failure here costs API connections only.
+            if let Err(e) = next.publish() {
+                log::error!("Cannot move the API socket to the successor: {e}");
+            }
+        }
         Ok(HandoverTimes {
             state_saved_ms,
             committed_ms: (monotonic_ns() - paused_at_ns) as f64 / 1e6,
@@ -322,8 +481,13 @@ pub fn hand_over(
     if result.is_err() {
         let _ = child.kill();
         let _ = child.wait();
+        if let Some(controls) = &released {
+            vm.pci().restore_interrupts(controls);
+        }
         if paused {
             vm.resume();
+            // The successor's VM may have taken a completion's interrupt before it died.
+            vm.pci().replay_interrupts();
         }
     }
     result
@@ -362,6 +526,33 @@ mod tests {
         assert_eq!(text, "shared");
         assert_eq!(b.recv_frame().unwrap().0, big);
         writer.join().unwrap();
+    }
+
+    #[test]
+    fn the_api_path_moves_to_the_new_listener_only_when_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let old = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Rolled back: the spare socket goes, the path still reaches the old listener.
+        let spare = NextListener::bind(&path).unwrap();
+        let temp = spare.temp.clone();
+        assert!(temp.exists());
+        drop(spare);
+        assert!(!temp.exists());
+        UnixStream::connect(&path).unwrap();
+        assert!(old.accept().is_ok());
+        // Committed: the same path now reaches the new listener.
+        let next = NextListener::bind(&path).unwrap();
+        let new = next.listener.try_clone().unwrap();
+        next.publish().unwrap();
+        UnixStream::connect(&path).unwrap();
+        new.set_nonblocking(true).unwrap();
+        assert!(new.accept().is_ok());
+        old.set_nonblocking(true).unwrap();
+        assert!(
+            old.accept().is_err(),
+            "the old listener got a new connection"
+        );
     }
 
     #[test]

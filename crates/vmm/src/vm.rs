@@ -94,6 +94,8 @@ pub enum Error {
     NotStarted,
     #[error("The saved state has no vCPU {0}")]
     MissingVcpuState(u8),
+    #[error("The VM prepared before the pause does not match the handed-over state")]
+    PreparedMismatch,
 }
 
 impl Error {
@@ -141,6 +143,30 @@ pub enum RamSource<'a> {
     File(&'a Path),
     /// The predecessor VMM's memfd (live update): the same pages, no copy.
     Memfd(std::fs::File),
+}
+
+/// A VM's KVM VM, guest RAM and vCPUs before its state is loaded (see [`Vm::prepare`]).
+pub struct PreparedVm {
+    kvm_vm: Arc<outboard_hypervisor::Vm>,
+    ram: GuestRam,
+    power_on: PlatformState,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    /// A live update's devices, adopted before the pause.
+    pci: Option<crate::pci::PciDevices>,
+    vcpus: Vec<(
+        outboard_hypervisor::vcpu::Vcpu,
+        outboard_hypervisor::kvm_bindings::kvm_lapic_state,
+    )>,
+}
+
+impl std::fmt::Debug for PreparedVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedVm")
+            .field("ram", &self.ram)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the loader put the boot items in guest memory: what phase 1 measures.
@@ -225,6 +251,9 @@ impl Vm {
     /// Builds the VM a snapshot describes: `config` (from [`VmState`] plus this process's serial
     /// and reboot settings) and guest memory from `memory`; vCPUs, interrupt controllers, PIT,
     /// kvmclock and devices as saved. Nothing runs yet.
+    ///
+    /// Virtio devices can only move by live update ([`Vm::prepare`] with their descriptors);
+    /// a snapshot file can't restore them.
     pub fn restore(
         hv: &Hypervisor,
         config: &VmmConfig,
@@ -232,7 +261,7 @@ impl Vm {
         state: &VmState,
         memory: RamSource<'_>,
     ) -> Result<Vm, Error> {
-        if !config.devices.is_empty() {
+        if !config.devices.is_empty() || !state.pci_devices.is_empty() {
             return Err(Error::SnapshotWithVirtio);
         }
         Self::create(hv, config, events, Some((state, memory)))
@@ -262,12 +291,101 @@ impl Vm {
             }
             None => GuestRam::new(config.mem_bytes())?,
         };
+        let prepared = Self::prepare(hv, config, ram, None)?;
+        Self::finish(config, events, prepared, snapshot)
+    }
+
+    /// What of a VM doesn't depend on its state: the KVM VM with guest RAM registered and the
+    /// irqchip and PIT, and the vCPUs with their CPUID and power-on local APIC. A live-update
+    /// successor makes these before the old VMM pauses the guest, so their cost (KVM_CREATE_VM,
+    /// memory slots, KVM_CREATE_VCPU) is not part of the pause; with `devices` (the early
+    /// state and descriptors of [`crate::pci::PciDevices::handover`]) it also adopts the
+    /// virtio devices and registers their ioeventfds.
+    pub fn prepare(
+        hv: &Hypervisor,
+        config: &VmmConfig,
+        ram: GuestRam,
+        devices: Option<(&[crate::pci::PciDeviceState], Vec<std::os::fd::OwnedFd>)>,
+    ) -> Result<PreparedVm, Error> {
+        crate::config::validate_machine(&config.machine, hv.max_vcpus())?;
         let kvm_vm = Arc::new(hv.create_vm().map_err(Error::CreateVm)?);
         ram.register(&kvm_vm)?;
         kvm_vm
             .setup_platform(layout::KVM_TSS_START, layout::KVM_IDENTITY_MAP_START)
             .map_err(Error::Platform)?;
         let power_on = kvm_vm.platform_state().map_err(Error::Platform)?;
+        let supported = hv.supported_cpuid().map_err(Error::Cpuid)?;
+        let count = config.machine.vcpu_count as u8;
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        for id in 0..count {
+            let vcpu = kvm_vm.create_vcpu(id).map_err(Error::Platform)?;
+            let vcpu_err = |source| Error::Vcpu { id, source };
+            let cpuid = cpuid::vcpu_cpuid(&supported, id, count, hv.kind())
+                .map_err(|source| Error::BuildCpuid { id, source })?;
+            vcpu.set_cpuid(&cpuid).map_err(vcpu_err)?;
+            vcpu.setup_lapic().map_err(vcpu_err)?;
+            let boot_lapic = vcpu.lapic().map_err(vcpu_err)?;
+            vcpus.push((vcpu, boot_lapic));
+        }
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let pci = match devices {
+            Some((early, fds)) => Some(crate::pci::PciDevices::prepare_adopt(
+                kvm_vm.clone(),
+                &mmio,
+                &pio,
+                ram.memory(),
+                config.mem_bytes(),
+                early,
+                fds,
+            )?),
+            None => None,
+        };
+        Ok(PreparedVm {
+            kvm_vm,
+            ram,
+            power_on,
+            pio,
+            mmio,
+            pci,
+            vcpus,
+        })
+    }
+
+    /// Finishes a [`PreparedVm`] as the VM `state` describes (a live update's successor).
+    pub fn restore_prepared(
+        config: &VmmConfig,
+        events: &VmEvents,
+        prepared: PreparedVm,
+        state: &VmState,
+    ) -> Result<Vm, Error> {
+        if prepared.vcpus.len() != state.vcpus.len() || prepared.ram.size() != state.memory.size {
+            return Err(Error::PreparedMismatch);
+        }
+        let mut config = config.clone();
+        config.machine = outboard_api_types::MachineConfig {
+            vcpu_count: state.machine.vcpu_count,
+            mem_size_mib: state.machine.mem_size_mib,
+        };
+        config.boot = state.boot.clone();
+        Self::finish(&config, events, prepared, Some(state))
+    }
+
+    fn finish(
+        config: &VmmConfig,
+        events: &VmEvents,
+        prepared: PreparedVm,
+        snapshot: Option<&VmState>,
+    ) -> Result<Vm, Error> {
+        let PreparedVm {
+            kvm_vm,
+            ram,
+            power_on,
+            pio,
+            mmio,
+            pci,
+            vcpus,
+        } = prepared;
         let (entry, placement) = match snapshot {
             None => {
                 let (entry, placement) = load_guest(ram.memory(), config)?;
@@ -276,8 +394,6 @@ impl Vm {
             Some(_) => (None, None),
         };
 
-        let pio = Arc::new(Bus::new());
-        let mmio = Arc::new(Bus::new());
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::EventFd)?;
         kvm_vm
@@ -300,28 +416,30 @@ impl Vm {
         pio.insert(u64::from(layout::DEBUGCON_PORT), 1, debugcon.clone())
             .map_err(Error::Bus)?;
         let devices: Vec<Arc<dyn Device>> = vec![serial.clone(), i8042, pm, debugcon];
-        let pci = crate::pci::PciDevices::build(
-            kvm_vm.clone(),
-            &mmio,
-            &pio,
-            ram.memory(),
-            config.mem_bytes(),
-            &config.devices,
-        )?;
+        let pci = match (pci, snapshot) {
+            (Some(pci), Some(state)) => {
+                pci.finish_adopt(&state.pci_devices)?;
+                pci
+            }
+            (Some(_), None) => return Err(Error::PreparedMismatch),
+            (None, _) => crate::pci::PciDevices::build(
+                kvm_vm.clone(),
+                &mmio,
+                &pio,
+                ram.memory(),
+                config.mem_bytes(),
+                &config.devices,
+            )?,
+        };
+        let mut config = config.clone();
+        config.devices = pci.device_config();
 
         let control = Arc::new(VcpuControl::new(dup(&events.fault)?));
-        let supported = hv.supported_cpuid().map_err(Error::Cpuid)?;
-        let count = config.machine.vcpu_count as u8;
-        let mut unstarted = Vec::with_capacity(count as usize);
-        let mut counters = Vec::with_capacity(count as usize);
-        for id in 0..count {
-            let vcpu = kvm_vm.create_vcpu(id).map_err(Error::Platform)?;
+        let mut unstarted = Vec::with_capacity(vcpus.len());
+        let mut counters = Vec::with_capacity(vcpus.len());
+        for (id, (vcpu, boot_lapic)) in vcpus.into_iter().enumerate() {
+            let id = id as u8;
             let vcpu_err = |source| Error::Vcpu { id, source };
-            let cpuid = cpuid::vcpu_cpuid(&supported, id, count, hv.kind())
-                .map_err(|source| Error::BuildCpuid { id, source })?;
-            vcpu.set_cpuid(&cpuid).map_err(vcpu_err)?;
-            vcpu.setup_lapic().map_err(vcpu_err)?;
-            let boot_lapic = vcpu.lapic().map_err(vcpu_err)?;
             match (snapshot, &entry) {
                 (Some(state), _) => {
                     // `VmState::validate` checked there is one state per vCPU.
@@ -365,7 +483,7 @@ impl Vm {
             }
         }
         Ok(Vm {
-            config: config.clone(),
+            config,
             placement,
             kvm_vm,
             power_on,
@@ -405,11 +523,27 @@ impl Vm {
         Ok(())
     }
 
-    /// The whole VM as a [`VmState`]; the VM must be paused.
+    /// The whole VM as a [`VmState`]; the VM must be paused. Virtio devices can't be written
+    /// to a snapshot file (their backends' connections are descriptors): see
+    /// [`Vm::handover_state`].
     pub fn save_state(&self, hv: &Hypervisor) -> Result<VmState, Error> {
         if !self.config.devices.is_empty() {
             return Err(Error::SnapshotWithVirtio);
         }
+        self.save_state_inner(hv)
+    }
+
+    /// The whole VM for a successor VMM: [`Vm::save_state`] plus the virtio devices (their
+    /// descriptors went with [`crate::pci::PciDevices::handover`] before the pause). The VM
+    /// must be paused.
+    pub fn handover_state(&self, hv: &Hypervisor) -> Result<VmState, Error> {
+        let pci_devices = self.pci.states()?;
+        let mut state = self.save_state_inner(hv)?;
+        state.pci_devices = pci_devices;
+        Ok(state)
+    }
+
+    fn save_state_inner(&self, hv: &Hypervisor) -> Result<VmState, Error> {
         let threads = self.threads.as_ref().ok_or(Error::NotStarted)?;
         let msr_indices = hv.msr_index_list().map_err(Error::MsrList)?;
         let vcpus = threads.save_states(msr_indices)?;
@@ -449,6 +583,7 @@ impl Vm {
             platform,
             clock_ns,
             devices: saved,
+            pci_devices: Vec::new(),
         })
     }
 
@@ -521,6 +656,14 @@ impl Vm {
 
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    pub fn config(&self) -> &VmmConfig {
+        &self.config
+    }
+
+    pub fn pci(&self) -> &crate::pci::PciDevices {
+        &self.pci
     }
 
     pub fn kvm_vm(&self) -> &Arc<outboard_hypervisor::Vm> {

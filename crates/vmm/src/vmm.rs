@@ -25,8 +25,12 @@ use crate::snapshot;
 use crate::vcpu::VcpuFault;
 use crate::vm::{self, Vm, VmEvents};
 
-/// The VMM's version string.
-pub const VMM_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The VMM's version string: the package version, or `OUTBOARD_VERSION` at build time (a
+/// release's full version; the live-update tests build a second binary with another one).
+pub const VMM_VERSION: &str = match option_env!("OUTBOARD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 /// Time given to the API thread to send the response to `InstanceStop` before the process exits.
 const STOP_RESPONSE_GRACE: Duration = Duration::from_millis(100);
@@ -119,6 +123,14 @@ pub enum Error {
     LiveUpdate(#[from] live_update::Error),
 }
 
+/// Where a restored VM's KVM VM and memory come from.
+enum Source<'a> {
+    /// Built here on this guest RAM.
+    Ram(vm::RamSource<'a>),
+    /// Made before a live update's pause.
+    Prepared(Box<vm::PreparedVm>),
+}
+
 const TOKEN_SIGNAL: u64 = 0;
 const TOKEN_POWEROFF: u64 = 1;
 const TOKEN_RESET: u64 = 2;
@@ -138,7 +150,8 @@ pub struct Vmm {
     terminal: Option<RawTerminal>,
     exit: Option<Outcome>,
     attestation: Attestation,
-    /// The API server's listener and path, handed to a successor on a live update.
+    /// The API server's listener and path (a live update gives the successor a new listener,
+    /// renamed over the path at the commit).
     api_listener: Option<(std::os::fd::OwnedFd, std::path::PathBuf)>,
 }
 
@@ -179,27 +192,44 @@ impl Vmm {
     /// tells the old VMM it is ready, and resumes the guest once the old VMM commits.
     pub fn adopt(&mut self, incoming: Incoming, channel: &Channel) -> Result<(), Error> {
         let running = incoming.config.running;
-        let memory = vm::RamSource::Memfd(incoming.memfd);
         let restore_started = live_update::monotonic_ns();
-        if let Err(e) = self.restore_from(&incoming.state, memory, false) {
+        let restored = self.restore_with(
+            &incoming.state,
+            Source::Prepared(Box::new(incoming.prepared)),
+            false,
+        );
+        if let Err(e) = restored {
             live_update::report_failure(channel, &e);
             return Err(e);
         }
         let restore_ms = (live_update::monotonic_ns() - restore_started) as f64 / 1e6;
         channel.send(&Message::Ready, &[])?;
+        live_update::test_kill_point("ready");
         let (Message::Commit { paused_at_ns }, _) = channel.recv()? else {
             return Err(live_update::Error::Unexpected("Commit").into());
         };
-        if running {
-            if let Some(vm) = &self.vm {
+        channel.send(&Message::Resuming, &[])?;
+        let resume_started = live_update::monotonic_ns();
+        if let Some(vm) = &self.vm {
+            let read_at = incoming.config.clock_read_at_ns;
+            if read_at != 0 {
+                let behind = live_update::monotonic_ns().saturating_sub(read_at);
+                let clock = incoming.state.clock_ns.saturating_add(behind);
+                if let Err(e) = vm.kvm_vm().set_clock_ns(clock) {
+                    log::warn!("Cannot advance kvmclock past the pause: {e}");
+                }
+            }
+            if running {
                 vm.resume();
                 self.state = VmState::Running;
             }
+            vm.pci().replay_interrupts();
         }
         crate::status_line!(
             "outboard-vmm: live update: guest paused for {:.3} ms (vCPUs stopped in the old VMM \
-             to running here; restore here {restore_ms:.3} ms)",
-            (live_update::monotonic_ns() - paused_at_ns) as f64 / 1e6
+             to running here; restore here {restore_ms:.3} ms, resume here {:.3} ms)",
+            (live_update::monotonic_ns() - paused_at_ns) as f64 / 1e6,
+            (live_update::monotonic_ns() - resume_started) as f64 / 1e6
         );
         Ok(())
     }
@@ -287,6 +317,16 @@ impl Vmm {
         memory: vm::RamSource<'_>,
         resume: bool,
     ) -> Result<(), Error> {
+        self.restore_with(saved, Source::Ram(memory), resume)
+    }
+
+    /// [`Vmm::restore_from`], or a live update's VM prepared before the pause.
+    fn restore_with(
+        &mut self,
+        saved: &snapshot::VmState,
+        source: Source<'_>,
+        resume: bool,
+    ) -> Result<(), Error> {
         if self.state != VmState::NotStarted {
             return Err(vm::Error::AlreadyStarted.into());
         }
@@ -295,7 +335,15 @@ impl Vmm {
             mem_size_mib: saved.machine.mem_size_mib,
         };
         self.config.boot = saved.boot.clone();
-        let mut vm = Vm::restore(&self.hv, &self.config, &self.events, saved, memory)?;
+        let mut vm = match source {
+            Source::Ram(memory) => {
+                Vm::restore(&self.hv, &self.config, &self.events, saved, memory)?
+            }
+            Source::Prepared(prepared) => {
+                Vm::restore_prepared(&self.config, &self.events, *prepared, saved)?
+            }
+        };
+        self.config.devices = vm.pci().device_config();
         if self.config.serial.output.is_none() {
             self.terminal = Some(RawTerminal::enable());
             console::forward_stdin(vm.serial()).map_err(vm::Error::from)?;
@@ -577,9 +625,9 @@ impl Vmm {
             (Some(vm), VmState::Running | VmState::Paused) if self.exit.is_none() => vm,
             _ => return Err(ApiError::conflict("The VM is not running")),
         };
-        if !self.config.devices.is_empty() {
+        if self.config.devices.vsock.is_some() {
             return Err(ApiError::conflict(error_chain(
-                &vm::Error::SnapshotWithVirtio,
+                &crate::pci::Error::VsockHandover,
             )));
         }
         let running = self.state == VmState::Running;
@@ -589,9 +637,9 @@ impl Vmm {
             reboot_restart: self.config.reboot == RebootPolicy::Restart,
             api_sock: self.api_listener.as_ref().map(|(_, p)| p.clone()),
             running,
+            clock_read_at_ns: 0,
         };
-        let listener = self.api_listener.as_ref().map(|(fd, _)| fd.as_raw_fd());
-        match live_update::hand_over(vm, &self.hv, &request.binary, config, running, listener) {
+        match live_update::hand_over(vm, &self.hv, &request.binary, config, running) {
             Ok(times) => {
                 crate::status_line!(
                     "outboard-vmm: live update: state saved {:.3} ms and committed {:.3} ms \

@@ -463,7 +463,10 @@ impl<M: GuestMemoryBackend + Send + Sync> VirtioPciTransport<M> {
         if !inner.msix.restore(state.msix.clone()) {
             return Err(bad("MSI-X table size differs"));
         }
-        if let Some(old) = inner.state.bar_addr {
+        // Notifiers already at the saved address stay (each KVM_IOEVENTFD change waits for an
+        // SRCU grace period: milliseconds in a live update's pause).
+        let moved = inner.state.bar_addr != state.bar_addr;
+        if let (true, Some(old)) = (moved, inner.state.bar_addr) {
             self.unregister_notifiers(&inner, old);
         }
         for (i, q) in state.queues.iter().enumerate() {
@@ -472,7 +475,7 @@ impl<M: GuestMemoryBackend + Send + Sync> VirtioPciTransport<M> {
                 inner.msix.bind(q.msix_vector, call);
             }
         }
-        if let Some(base) = state.bar_addr {
+        if let (true, Some(base)) = (moved, state.bar_addr) {
             self.register_notifiers(&inner, base);
         }
         inner.state = state;

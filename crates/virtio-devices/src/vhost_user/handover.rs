@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -12,18 +12,26 @@ use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::VhostBackend;
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{vu, Conn, Counters, Kind, VhostUserDevice, VhostUserState};
+
+/// Longest wait for in-flight requests before a ring is stopped (a live update's pause).
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::{ActiveQueue, Error};
 
 impl VhostUserDevice {
     /// A successor VMM's device: adopts the connection `socket_fd` (handed over, so the
     /// backend never sees a disconnect), the inflight region and the transport's eventfds, with
-    /// the predecessor's `state` (`kicks`/`calls` indexed by queue). Guest memory is mapped anew here, so if the rings were
-    /// running (`state.active`, not paused) the memory table and vring addresses are sent
-    /// again; a paused device waits for [`crate::VirtioDevice::resume`].
+    /// the predecessor's `state` (`kicks`/`calls` indexed by queue).
+    ///
+    /// Nothing is said to the backend here: until the predecessor commits the live update it
+    /// may still take the device back (rollback), and a request of ours in the socket would
+    /// desynchronise its conversation. The frontend library's view of the negotiated features
+    /// is rebuilt on first use ([`Self::reteach`]). The backend keeps its memory table (the
+    /// same memfd pages; vring addresses stay in its labels), so a paused device resumes with
+    /// the vring messages only.
     #[allow(clippy::too_many_arguments)]
     pub fn adopt(
         kind: Kind,
@@ -37,6 +45,11 @@ impl VhostUserDevice {
         kicks: &[Arc<vmm_sys_util::eventfd::EventFd>],
         calls: &[Arc<vmm_sys_util::eventfd::EventFd>],
     ) -> Result<Arc<Self>, Error> {
+        if kicks.len() != usize::from(num_queues) || calls.len() != kicks.len() {
+            return Err(Error::EventfdCount {
+                queues: usize::from(num_queues),
+            });
+        }
         let mut queues = Vec::new();
         for v in &state.vrings {
             let (Some(kick), Some(call)) = (kicks.get(v.index), calls.get(v.index)) else {
@@ -52,12 +65,53 @@ impl VhostUserDevice {
                 call: call.clone(),
             });
         }
-        let mut frontend = Frontend::from_stream(
+        let frontend = Frontend::from_stream(
             std::os::unix::net::UnixStream::from(socket_fd),
             u64::from(num_queues),
         );
-        // The frontend library tracks negotiated features itself: teach it again. These
-        // requests are idempotent for a running backend.
+        let dev = Arc::new(VhostUserDevice {
+            kind,
+            socket,
+            num_queues: usize::from(num_queues),
+            queue_size,
+            memory,
+            conn: Mutex::new(Conn {
+                frontend: Some(frontend),
+                session_ready: true,
+                state,
+                inflight_file: inflight.map(File::from),
+                queues,
+            }),
+            reteach: AtomicBool::new(true),
+            stop: AtomicBool::new(false),
+            stop_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
+            monitor: Mutex::new(None),
+            counters: Counters::default(),
+        });
+        {
+            let mut conn = dev.lock();
+            if conn.state.active && !conn.state.paused {
+                dev.reteach(&mut conn)?;
+                dev.start_vrings(&mut conn)?;
+            }
+        }
+        dev.start();
+        Ok(dev)
+    }
+
+    /// Rebuilds an adopted connection's feature view in the frontend library (it checks
+    /// requests against it): GET_FEATURES, the protocol features and, for an active device,
+    /// SET_FEATURES. Idempotent for the backend; done once.
+    pub(super) fn reteach(&self, conn: &mut Conn) -> Result<(), Error> {
+        if !self.reteach.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Conn {
+            frontend, state, ..
+        } = conn;
+        let Some(frontend) = frontend.as_mut() else {
+            return Ok(());
+        };
         frontend.get_features().map_err(vu("GET_FEATURES"))?;
         let protocol = VhostUserProtocolFeatures::from_bits_truncate(state.protocol_features);
         if state.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
@@ -73,35 +127,77 @@ impl VhostUserDevice {
         }
         if state.active {
             frontend
-                .set_features(Self::backend_ack(&state))
+                .set_features(Self::backend_ack(state))
                 .map_err(vu("SET_FEATURES"))?;
         }
-        let dev = Arc::new(VhostUserDevice {
-            kind,
-            socket,
-            num_queues: usize::from(num_queues),
-            queue_size,
-            memory,
-            conn: Mutex::new(Conn {
-                frontend: Some(frontend),
-                session_ready: true,
-                state,
-                inflight_file: inflight.map(File::from),
-                queues,
-            }),
-            stop: AtomicBool::new(false),
-            stop_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
-            monitor: Mutex::new(None),
-            counters: Counters::default(),
-        });
-        {
-            let mut conn = dev.lock();
-            if conn.state.active && !conn.state.paused {
-                dev.start_vrings(&mut conn)?;
+        self.reteach.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Loads the predecessor's state at its pause into a device adopted before it (a live
+    /// update prepares its devices while the guest still runs): vring bases, features and
+    /// queues as the predecessor last had them. Still nothing is said to the backend unless the
+    /// state has running rings.
+    pub fn load_handover_state(
+        &self,
+        state: VhostUserState,
+        kicks: &[Arc<vmm_sys_util::eventfd::EventFd>],
+        calls: &[Arc<vmm_sys_util::eventfd::EventFd>],
+    ) -> Result<(), Error> {
+        let mut queues = Vec::new();
+        for v in &state.vrings {
+            let (Some(kick), Some(call)) = (kicks.get(v.index), calls.get(v.index)) else {
+                return Err(Error::QueueAddress {
+                    index: v.index,
+                    addr: v.config.desc,
+                });
+            };
+            queues.push(ActiveQueue {
+                index: v.index,
+                config: v.config,
+                kick: kick.clone(),
+                call: call.clone(),
+            });
+        }
+        let mut conn = self.lock();
+        conn.state = state;
+        conn.queues = queues;
+        if conn.state.active && !conn.state.paused {
+            self.reteach(&mut conn)?;
+            self.start_vrings(&mut conn)?;
+        }
+        Ok(())
+    }
+
+    /// Waits (at most [`DRAIN_TIMEOUT`]) until a disk's backend has completed every request the
+    /// guest made available. The guest must be paused. Stopping a ring with requests in flight
+    /// is legal, but libvhost-user backends (qemu-storage-daemon 7.2) then complete them onto
+    /// the call eventfd they just closed and drop the connection. NICs are not drained: a
+    /// receive ring always holds idle buffers, and a transmit request may wait for one.
+    pub(super) fn drain(&self, conn: &Conn) {
+        if self.kind != Kind::Block || conn.frontend.is_none() {
+            return;
+        }
+        // The guest may have been stopped between making a request available and notifying:
+        // notify for it (a spurious kick only makes the backend look at the ring).
+        for queue in &conn.queues {
+            let _ = queue.kick.write(1);
+        }
+        let deadline = std::time::Instant::now() + DRAIN_TIMEOUT;
+        for vring in &conn.state.vrings {
+            let idx = |addr: u64| {
+                self.memory
+                    .read_obj::<u16>(vm_memory::GuestAddress(addr + 2))
+                    .ok()
+            };
+            loop {
+                let (avail, used) = (idx(vring.config.avail), idx(vring.config.used));
+                if avail.is_none() || avail == used || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
             }
         }
-        dev.start();
-        Ok(dev)
     }
 
     /// State for a successor VMM or a snapshot.

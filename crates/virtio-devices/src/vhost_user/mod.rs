@@ -135,6 +135,9 @@ pub struct VhostUserDevice {
     queue_size: u16,
     memory: GuestMemoryMmap,
     conn: Mutex<Conn>,
+    /// An adopted connection whose negotiated features the frontend library doesn't know yet
+    /// (see `handover.rs`); changed under the `conn` lock.
+    reteach: AtomicBool,
     stop: AtomicBool,
     stop_evt: Arc<EventFd>,
     monitor: Mutex<Option<JoinHandle<()>>>,
@@ -231,6 +234,7 @@ impl VhostUserDevice {
                 inflight_file: None,
                 queues: Vec::new(),
             }),
+            reteach: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             stop_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?),
             monitor: Mutex::new(None),
@@ -413,6 +417,9 @@ impl VirtioDevice for VhostUserDevice {
             return;
         }
         conn.state.config[off..off + data.len()].copy_from_slice(data);
+        if self.reteach(&mut conn).is_err() {
+            self.counters.backend_errors.inc();
+        }
         if let Some(f) = conn.frontend.as_mut() {
             if f.set_config(off as u32, VhostUserConfigFlags::WRITABLE, data)
                 .is_err()
@@ -450,7 +457,10 @@ impl VirtioDevice for VhostUserDevice {
             // The monitor replays this when the backend is back.
             return Ok(());
         }
-        match self.start_vrings(&mut conn) {
+        match self
+            .reteach(&mut conn)
+            .and_then(|()| self.start_vrings(&mut conn))
+        {
             // A backend dying mid-set-up is a disconnect (the monitor replays), not a guest error.
             Err(e) if is_disconnect(&e) => {
                 log::warn!(
@@ -492,6 +502,7 @@ impl VirtioDevice for VhostUserDevice {
         if !conn.state.active || conn.state.paused {
             return Ok(());
         }
+        self.drain(&conn);
         let Conn {
             frontend, state, ..
         } = &mut *conn;
@@ -517,6 +528,7 @@ impl VirtioDevice for VhostUserDevice {
         }
         conn.state.paused = false;
         if conn.frontend.is_some() {
+            self.reteach(&mut conn)?;
             self.start_vrings(&mut conn)?;
         }
         Ok(())

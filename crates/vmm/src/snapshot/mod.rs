@@ -14,7 +14,12 @@
 //! [`OLDEST_READABLE_VERSION`] up to it. When the state changes incompatibly, the next release
 //! bumps `FORMAT_VERSION`, freezes today's structures in a `v1` module and adds an upgrade
 //! (`from_v1`) in [`decode_payload`], so a snapshot (or live update) from the previous release
-//! keeps loading. `tests/fixtures/vmstate-v1.json` is a real v1 document that must keep loading.
+//! keeps loading. `tests/fixtures/vmstate-v1.obvm` is a real v1 document that must keep loading.
+//!
+//! - v1: machine, boot source, memory layout, vCPUs, PICs/IOAPIC/PIT, kvmclock, legacy devices.
+//! - v2: adds `pci_devices` (virtio-pci transports with their MSI-X tables and the vhost-user
+//!   vring state). A v1 document is a v2 document without devices; a v1 reader would ignore the
+//!   new field and lose the devices, hence the bump.
 
 pub mod memory;
 
@@ -29,8 +34,8 @@ use serde::{Deserialize, Serialize};
 /// Marks an outboard-vmm state file.
 pub const MAGIC: [u8; 8] = *b"OBVMSTAT";
 /// The version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
-/// The oldest version this build reads (N−1 once version 2 exists).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest version this build reads (N−1).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Bigger state files are refused unread (a small VM's state is tens of KiB).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
@@ -108,6 +113,30 @@ pub struct VmState {
     pub clock_ns: u64,
     /// [`outboard_devices::Lifecycle::save`] of each device, by its name.
     pub devices: BTreeMap<String, serde_json::Value>,
+    /// Virtio devices on PCI, in slot order (format v2; empty in v1).
+    #[serde(default)]
+    pub pci_devices: Vec<PciDeviceState>,
+}
+
+/// What a virtio device on PCI was made from (`--disk`, `--net`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PciDeviceConfig {
+    Disk(outboard_virtio_devices::options::DiskConfig),
+    Net(outboard_virtio_devices::options::NetConfig),
+}
+
+/// One virtio device on PCI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PciDeviceState {
+    /// Metrics label, e.g. `virtio-blk0`.
+    pub label: String,
+    /// Device number on bus 0.
+    pub slot: u8,
+    pub config: PciDeviceConfig,
+    /// Whether an inflight region is among the handed-over descriptors.
+    pub inflight: bool,
+    /// The transport's saved state (`{"transport": …, "device": …}`).
+    pub state: serde_json::Value,
 }
 
 impl VmState {
@@ -199,7 +228,15 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<VmState, Error> {
             found: v,
             newest: FORMAT_VERSION,
         }),
-        1 => serde_json::from_slice(payload).map_err(Error::Json),
+        // v1 lacks `pci_devices`, which defaults to none: the upgrade is the parse.
+        1 => {
+            let state: VmState = serde_json::from_slice(payload).map_err(Error::Json)?;
+            if !state.pci_devices.is_empty() {
+                return Err(Error::Inconsistent("a v1 document with PCI devices".into()));
+            }
+            Ok(state)
+        }
+        2 => serde_json::from_slice(payload).map_err(Error::Json),
         v => Err(Error::TooOld {
             found: v,
             oldest: OLDEST_READABLE_VERSION,

@@ -48,6 +48,7 @@ fn state() -> VmState {
         },
         clock_ns: 987_654_321,
         devices: BTreeMap::from([("acpi_pm".into(), serde_json::json!({"status": 1}))]),
+        pci_devices: Vec::new(),
     }
 }
 
@@ -98,8 +99,8 @@ fn rejects_damaged_and_foreign_files() {
         matches!(
             err,
             Error::TooNew {
-                found: 2,
-                newest: 1
+                found: 3,
+                newest: 2
             }
         ),
         "{err}"
@@ -157,4 +158,54 @@ fn v1_fixture_keeps_loading() {
     assert_ne!(state.vcpus[0].sregs.cr0 & (1 << 31), 0);
     assert!(state.clock_ns > 0);
     assert!(state.devices.contains_key("serial"));
+}
+
+/// A v2 state document handed over by a real outboard-vmm in a live update (the test guest's
+/// `live-mix` with a qemu-storage-daemon disk and a vhost-user-net NIC, 1 vCPU, 128 MiB).
+#[test]
+fn v2_fixture_with_virtio_devices_keeps_loading() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/vmstate-v2.obvm"
+    );
+    let state = read_file(Path::new(path)).unwrap();
+    assert_eq!(state.machine.vcpu_count as usize, state.vcpus.len());
+    let labels: Vec<&str> = state.pci_devices.iter().map(|d| d.label.as_str()).collect();
+    assert_eq!(labels, ["virtio-blk0", "virtio-net0"]);
+    for dev in &state.pci_devices {
+        // Driver up (DRIVER_OK), BAR placed, vhost-user rings stopped at the pause.
+        let transport = &dev.state["transport"];
+        assert_ne!(
+            transport["status"].as_u64().unwrap() & 4,
+            0,
+            "{}",
+            dev.label
+        );
+        assert!(transport["bar_addr"].as_u64().is_some());
+        assert_eq!(dev.state["device"]["paused"], true);
+        assert!(!dev.state["device"]["vrings"].as_array().unwrap().is_empty());
+    }
+    assert!(matches!(
+        state.pci_devices[0].config,
+        PciDeviceConfig::Disk(_)
+    ));
+}
+
+#[test]
+fn a_v1_document_claiming_devices_is_refused() {
+    let mut with_devices = state();
+    with_devices.pci_devices.push(PciDeviceState {
+        label: "virtio-blk0".into(),
+        slot: 1,
+        config: PciDeviceConfig::Disk("socket=/x".parse().unwrap()),
+        inflight: false,
+        state: serde_json::Value::Null,
+    });
+    let v2 = encode(&with_devices).unwrap();
+    let payload = &v2[20..v2.len() - 4];
+    assert!(decode(&v2).is_ok());
+    assert!(matches!(
+        decode(&framed(1, payload)),
+        Err(Error::Inconsistent(_))
+    ));
 }

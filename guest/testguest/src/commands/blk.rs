@@ -22,17 +22,17 @@ use crate::virtio::blk::{Blk, Counts, Op, Plan};
 
 const NS_PER_MS: u64 = 1_000_000;
 
-struct Params {
-    sectors: u64,
-    seed: u64,
-    queues: u64,
-    depth: u64,
-    timeout_ns: u64,
-    every: u64,
-    rounds: u64,
+pub(super) struct Params {
+    pub(super) sectors: u64,
+    pub(super) seed: u64,
+    pub(super) queues: u64,
+    pub(super) depth: u64,
+    pub(super) timeout_ns: u64,
+    pub(super) every: u64,
+    pub(super) rounds: u64,
 }
 
-fn params(env: &Env, name: &str) -> Option<Params> {
+pub(super) fn params(env: &Env, name: &str) -> Option<Params> {
     Some(Params {
         sectors: env.param_u64(name, "outboard.blk_sectors", 64)?,
         seed: env.param_u64(name, "outboard.blk_seed", 1)?,
@@ -46,7 +46,7 @@ fn params(env: &Env, name: &str) -> Option<Params> {
     })
 }
 
-fn open(name: &str, p: &Params) -> Option<Blk> {
+pub(super) fn open(name: &str, p: &Params) -> Option<Blk> {
     let queues = p.queues.clamp(1, 8) as u16;
     match Blk::open(queues, p.depth.clamp(1, 32) as u16) {
         Ok(blk) => {
@@ -68,7 +68,7 @@ fn open(name: &str, p: &Params) -> Option<Blk> {
     }
 }
 
-fn plan(op: Op, p: &Params, first: u64, n: u64, count: u64, patient: bool) -> Plan {
+pub(super) fn plan(op: Op, p: &Params, first: u64, n: u64, count: u64, patient: bool) -> Plan {
     Plan {
         op,
         seed: p.seed,

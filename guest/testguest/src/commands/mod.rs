@@ -11,6 +11,7 @@ mod badinput;
 mod basic;
 mod blk;
 mod heartbeat;
+mod mix;
 mod net;
 mod pci;
 pub mod smp;
@@ -104,6 +105,10 @@ pub static COMMANDS: &[Command] = &[
     Command {
         name: "net-exchange",
         run: net::run,
+    },
+    Command {
+        name: "live-mix",
+        run: mix::run,
     },
     Command {
         name: "vsock-echo",
