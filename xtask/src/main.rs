@@ -46,7 +46,9 @@ fn main() -> Result<()> {
             Some("storage") => bench_storage::run(&rest[1..]),
             Some("net") => bench_net::run(&rest[1..]),
             Some("live-update") => bench_live_update::run(&rest[1..]),
-            other => bail!("Unknown benchmark {other:?}; known: boot, attest, storage, disk, net, live-update"),
+            other => bail!(
+                "Unknown benchmark {other:?}; known: boot, attest, storage, disk, net, live-update"
+            ),
         },
         _ => {
             eprintln!("usage: cargo xtask <setup|guest|run|test|fuzz|bench NAME>");
