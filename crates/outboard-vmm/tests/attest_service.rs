@@ -197,8 +197,11 @@ fn hostile_clients_get_errors_and_the_service_keeps_serving() {
     ];
     for (input, needle) in cases {
         let answers = raw_session(&service.socket, &[input]);
-        let all = format!("{answers:?} {:?}", service.log());
-        assert!(all.contains(needle), "{needle:?} not in {all}");
+        // Refused in the answer, or (no answer to a line it never finished reading) in the
+        // service's log, which may come a moment after the hang-up.
+        if !answers.iter().any(|a| a.contains(needle)) {
+            service.wait_for(needle);
+        }
     }
     // A client that is not a VMM is measured as what it is: the service opens a session for
     // it with PCR0 = its own binary, never something it names.

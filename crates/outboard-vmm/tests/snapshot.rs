@@ -172,3 +172,36 @@ fn restore_refuses_damaged_and_mismatched_files() {
     common::assert_no_panic(&vm);
     let _ = std::fs::remove_file(&short);
 }
+
+/// A snapshot of a VM with a disk and a NIC whose backends are gone: the restore fails with a
+/// clear error naming the socket (the devices are connected afresh), no panic.
+#[test]
+fn restoring_devices_without_their_backends_is_a_clear_error() {
+    if !kvm_available("restoring_devices_without_their_backends_is_a_clear_error") {
+        return;
+    }
+    // The v2 fixture's backends lived in a test's scratch directory, long gone.
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../vmm/tests/fixtures/vmstate-v2.obvm"
+    );
+    let memory = temp_path("snap-nobackend", ".mem");
+    std::fs::File::create(&memory)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let restore = format!("state={fixture},memory={}", memory.display());
+    let vm = GuestCommand::new(vmm())
+        .args(["--restore", &restore])
+        .spawn()
+        .unwrap();
+    assert_eq!(exit_code(&vm), 1);
+    assert!(
+        vm.stderr()
+            .contains("Cannot connect to vhost-user backend /tmp/obvmm-20673-lukill.d/blk.sock"),
+        "{}",
+        vm.stderr()
+    );
+    common::assert_no_panic(&vm);
+    let _ = std::fs::remove_file(&memory);
+}

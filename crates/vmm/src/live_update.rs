@@ -2,11 +2,13 @@
 //! pause of the vCPUs, no copy of guest memory and no reboot.
 //!
 //! A KVM VM fd only works in the process that created it, so the successor builds its own KVM
-//! VM and restores the saved state into it; guest RAM (the memfd), a new API listener and each
-//! virtio device's vhost-user socket, inflight region and queue eventfds are passed with
-//! SCM_RIGHTS over a socketpair the successor inherits as `--live-update-fd N`. The backends
-//! keep their connections: the old VMM stops the rings (GET_VRING_BASE) and the successor
-//! restarts them from the same bases on the same socket, so a backend never sees a disconnect.
+//! VM and restores the saved state into it; guest RAM (the memfd), a new API listener, each
+//! virtio device's vhost-user socket, inflight region and queue eventfds, and the vsock
+//! device's listener and open connections are passed with SCM_RIGHTS over a socketpair the
+//! successor inherits as `--live-update-fd N`. The backends keep their connections: the old
+//! VMM stops the rings (GET_VRING_BASE) and the successor restarts them from the same bases on
+//! the same socket, so a backend never sees a disconnect; a host process talking to the guest
+//! over vsock keeps its socket too (the connections' flow-control state moves with them).
 //!
 //! ```text
 //!   old VMM                                        successor (--live-update-fd N)
@@ -17,7 +19,7 @@
 //!          ◄──────────────────────────── Prepared
 //!   pause vCPUs and rings (t0), save VmState,
 //!   let go of the irqfds (MSI-X function mask)
-//!   Handover {config} + [listener] ──────────────►
+//!   Handover {config} + [listener, vsock conns] ─►
 //!   state ───────────────────────────────────────► restore into the prepared VM: registers,
 //!                                                  vrings, MSI-X routes and irqfds (not a word
 //!                                                  to the backends yet)
@@ -94,7 +96,9 @@ pub enum Message {
         devices: Vec<crate::snapshot::PciDeviceState>,
     },
     Prepared,
-    /// Followed by one raw frame with the encoded [`crate::snapshot::VmState`].
+    /// Followed by one raw frame with the encoded [`crate::snapshot::VmState`]. Carries the
+    /// successor's API listener (first, when `api_sock` is set), then the sockets of the vsock
+    /// connections (see [`crate::snapshot::devices`]).
     Handover(HandoverConfig),
     Ready,
     Commit {
@@ -307,10 +311,12 @@ pub fn receive(
         let (state, _) = channel.recv_frame()?;
         test_kill_point("handover");
         let state = crate::snapshot::decode(&state)?;
-        let api_listener = match (&config.api_sock, fds.pop()) {
-            (Some(_), Some(fd)) => Some(std::os::unix::net::UnixListener::from(fd)),
+        let api_listener = match (&config.api_sock, fds.is_empty()) {
+            (Some(_), false) => Some(std::os::unix::net::UnixListener::from(fds.remove(0))),
             _ => None,
         };
+        let mut prepared = prepared;
+        prepared.set_vsock_streams(fds);
         Ok(Incoming {
             config,
             state,
@@ -446,12 +452,17 @@ pub fn hand_over(
             paused = true;
         }
         let state = vm.handover_state(hv)?;
+        let streams = vm.pci().vsock_streams().map_err(crate::vm::Error::from)?;
         let mut config = config;
         config.clock_read_at_ns = monotonic_ns();
         let state = crate::snapshot::encode(&state)?;
         released = Some(vm.pci().release_interrupts());
         let state_saved_ms = (monotonic_ns() - paused_at_ns) as f64 / 1e6;
-        let fds: Vec<RawFd> = next.iter().map(|n| n.listener.as_raw_fd()).collect();
+        let fds: Vec<RawFd> = next
+            .iter()
+            .map(|n| n.listener.as_raw_fd())
+            .chain(streams.iter().map(AsRawFd::as_raw_fd))
+            .collect();
         channel.send(&Message::Handover(config), &fds)?;
         channel.send_frame(&state, &[])?;
         match channel.recv()? {

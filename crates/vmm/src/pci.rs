@@ -8,11 +8,11 @@
 //! their data path. All GSI routing goes through one [`KvmInterrupts`], because
 //! KVM_SET_GSI_ROUTING replaces the whole table.
 //!
-//! On a live update the disks and NICs move to the successor without a reconnection: their
-//! vhost-user sockets and the queues' kick and call eventfds are handed over
-//! ([`PciDevices::handover`]) and adopted ([`PciDevices::adopt`]) beside the transport state.
+//! On a live update the devices move to the successor without a reconnection: the vhost-user
+//! sockets, the vsock listener and connections, and the queues' kick and call eventfds are
+//! handed over and adopted beside the transport state; a snapshot file restores them on fresh
+//! connections (both in [`crate::snapshot::devices`]).
 
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use outboard_boot::acpi::{AcpiExtras, OEM_ID};
@@ -23,11 +23,10 @@ use outboard_pci::interrupt::AsVmFd;
 use outboard_pci::root::{self, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN, ECAM_BUS_SIZE};
 use outboard_pci::{KvmInterrupts, PciConfigIo, PciDevice, PciEcam, PciRoot, PciWindows};
 pub use outboard_virtio_devices::options::{DiskConfig, NetConfig, VsockConfig};
-use outboard_virtio_devices::vhost_user::{Kind, StartError, VhostUserDevice, VhostUserState};
+use outboard_virtio_devices::vhost_user::{StartError, VhostUserDevice};
 use outboard_virtio_devices::vsock::{self, VsockDevice};
 use outboard_virtio_devices::{VirtioDevice, VirtioPciTransport};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 /// Errors of building the PCI side of a VM.
 #[derive(Debug, thiserror::Error)]
@@ -50,8 +49,8 @@ pub enum Error {
     },
     #[error("Cannot place the PCI root complex")]
     Bus(#[source] outboard_devices::bus::Error),
-    #[error("Live update of VMs with a vsock device is not supported yet")]
-    VsockHandover,
+    #[error("The vsock device has {0} connections, more than a live update can hand over")]
+    TooManyConnections(usize),
     #[error("Cannot hand over the {label} device")]
     HandoverFds {
         label: String,
@@ -68,6 +67,8 @@ pub enum Error {
         #[source]
         source: outboard_virtio_devices::Error,
     },
+    #[error("Saved state of the {label} device does not fit its backend: {reason}")]
+    BadSaved { label: String, reason: String },
     #[error("Cannot restore the {label} device")]
     Restore {
         label: String,
@@ -167,23 +168,31 @@ pub fn acpi_extras(mem_bytes: u64) -> AcpiExtras {
     }
 }
 
-type Transport = VirtioPciTransport<GuestMemoryMmap>;
+pub(crate) type Transport = VirtioPciTransport<GuestMemoryMmap>;
 
-/// One device on bus 0.
-struct Plugged {
-    /// Metrics label (`virtio-blk0`, …).
-    label: String,
-    slot: u8,
-    transport: Arc<Transport>,
-    /// What it was made from (`None` for vsock, which is not handed over).
-    config: Option<PciDeviceConfig>,
-    vhost: Option<Arc<VhostUserDevice>>,
+/// What serves a device's queues.
+#[derive(Clone)]
+pub(crate) enum Backend {
+    VhostUser(Arc<VhostUserDevice>),
+    Vsock(Arc<VsockDevice>),
 }
 
-/// The root complex and the devices on it.
+/// One device on bus 0.
+pub(crate) struct Plugged {
+    /// Metrics label (`virtio-blk0`, …).
+    pub(crate) label: String,
+    pub(crate) slot: u8,
+    pub(crate) transport: Arc<Transport>,
+    /// What it was made from.
+    pub(crate) config: PciDeviceConfig,
+    pub(crate) backend: Backend,
+}
+
+/// The root complex and the devices on it. Their saving, handing over and restoring is in
+/// [`crate::snapshot::devices`].
 pub struct PciDevices {
-    root: Arc<PciRoot>,
-    devices: Vec<Plugged>,
+    pub(crate) root: Arc<PciRoot>,
+    pub(crate) devices: Vec<Plugged>,
 }
 
 impl std::fmt::Debug for PciDevices {
@@ -198,16 +207,17 @@ impl std::fmt::Debug for PciDevices {
 pub use crate::snapshot::{PciDeviceConfig, PciDeviceState};
 
 /// The metrics label of the `index`th device of its kind.
-fn device_label(config: &PciDeviceConfig, index: usize) -> String {
+pub(crate) fn device_label(config: &PciDeviceConfig, index: usize) -> String {
     match config {
         PciDeviceConfig::Disk(_) => format!("virtio-blk{index}"),
         PciDeviceConfig::Net(_) => format!("virtio-net{index}"),
+        PciDeviceConfig::Vsock(_) => format!("virtio-vsock{index}"),
     }
 }
 
 impl PciDevices {
     /// Places the root complex on `mmio` and `pio` (nothing on it yet).
-    fn root_only(mmio: &Arc<Bus>, pio: &Bus, mem_bytes: u64) -> Result<Self, Error> {
+    pub(crate) fn root_only(mmio: &Arc<Bus>, pio: &Bus, mem_bytes: u64) -> Result<Self, Error> {
         let root = PciRoot::new(mmio.clone(), windows(mem_bytes));
         mmio.insert(
             layout::ECAM_START,
@@ -228,12 +238,12 @@ impl PciDevices {
     }
 
     /// Puts `transport` in the next slot.
-    fn plug(
+    pub(crate) fn plug(
         &mut self,
         label: String,
         transport: Transport,
-        config: Option<PciDeviceConfig>,
-        vhost: Option<Arc<VhostUserDevice>>,
+        config: PciDeviceConfig,
+        backend: Backend,
     ) -> Result<u8, Error> {
         let name = Lifecycle::name(&transport);
         let transport = Arc::new(transport);
@@ -247,7 +257,7 @@ impl PciDevices {
             slot,
             transport,
             config,
-            vhost,
+            backend,
         });
         Ok(slot)
     }
@@ -275,236 +285,25 @@ impl PciDevices {
             let dev = VhostUserDevice::disk(disk, memory.clone())?;
             let t = transport("virtio-blk", dev.clone())?;
             let cfg = PciDeviceConfig::Disk(disk.clone());
-            pci.plug(format!("virtio-blk{i}"), t, Some(cfg), Some(dev))?;
+            pci.plug(format!("virtio-blk{i}"), t, cfg, Backend::VhostUser(dev))?;
         }
         for (i, net) in config.nets.iter().enumerate() {
             let dev = VhostUserDevice::net(net, memory.clone())?;
             let t = transport("virtio-net", dev.clone())?;
             let cfg = PciDeviceConfig::Net(net.clone());
-            pci.plug(format!("virtio-net{i}"), t, Some(cfg), Some(dev))?;
+            pci.plug(format!("virtio-net{i}"), t, cfg, Backend::VhostUser(dev))?;
         }
         if let Some(vsock) = &config.vsock {
-            let dev = VsockDevice::new(vsock.cid, vsock.uds_path.clone(), memory.clone())?;
-            let t = transport("virtio-vsock", Arc::new(dev))?;
-            pci.plug("virtio-vsock0".into(), t, None, None)?;
+            let dev = Arc::new(VsockDevice::new(
+                vsock.cid,
+                vsock.uds_path.clone(),
+                memory.clone(),
+            )?);
+            let t = transport("virtio-vsock", dev.clone())?;
+            let cfg = PciDeviceConfig::Vsock(vsock.clone());
+            pci.plug("virtio-vsock0".into(), t, cfg, Backend::Vsock(dev))?;
         }
         Ok(pci)
-    }
-
-    /// The state and descriptors a successor needs for every device, in slot order; the
-    /// devices must be paused. Per device the descriptors are: the vhost-user socket, the
-    /// inflight region when [`PciDeviceState::inflight`], then each queue's kick eventfd, then
-    /// each queue's call eventfd. The descriptors are duplicates: this VMM keeps working (a
-    /// rollback) until it exits.
-    pub fn handover(&self) -> Result<(Vec<PciDeviceState>, Vec<OwnedFd>), Error> {
-        let mut states = Vec::new();
-        let mut fds = Vec::new();
-        for d in &self.devices {
-            let (Some(config), Some(vhost)) = (&d.config, &d.vhost) else {
-                return Err(Error::VsockHandover);
-            };
-            let fd_err = |source| Error::HandoverFds {
-                label: d.label.clone(),
-                source,
-            };
-            let (socket, inflight) = vhost.handover_fds().map_err(fd_err)?;
-            let socket = socket.ok_or_else(|| Error::HandoverDisconnected {
-                label: d.label.clone(),
-            })?;
-            let state = d.transport.save().map_err(|source| Error::Restore {
-                label: d.label.clone(),
-                source,
-            })?;
-            fds.push(socket);
-            let has_inflight = inflight.is_some();
-            fds.extend(inflight);
-            for evt in d.transport.kick_fds().iter().chain(&d.transport.call_fds()) {
-                fds.push(dup_fd(evt).map_err(fd_err)?);
-            }
-            states.push(PciDeviceState {
-                label: d.label.clone(),
-                slot: d.slot,
-                config: config.clone(),
-                inflight: has_inflight,
-                state,
-            });
-        }
-        Ok((states, fds))
-    }
-
-    /// The devices' saved state alone (see [`PciDevices::handover`]).
-    pub fn states(&self) -> Result<Vec<PciDeviceState>, Error> {
-        let mut states = Vec::new();
-        for d in &self.devices {
-            let (Some(config), Some(vhost)) = (&d.config, &d.vhost) else {
-                return Err(Error::VsockHandover);
-            };
-            let state = d.transport.save().map_err(|source| Error::Restore {
-                label: d.label.clone(),
-                source,
-            })?;
-            states.push(PciDeviceState {
-                label: d.label.clone(),
-                slot: d.slot,
-                config: config.clone(),
-                inflight: vhost.state().inflight.is_some(),
-                state,
-            });
-        }
-        Ok(states)
-    }
-
-    /// A successor's devices, made before the predecessor pauses: the same devices in the same
-    /// slots on the descriptors of [`PciDevices::handover`] (`early` is the state that came
-    /// with them, taken while the guest ran), BARs placed and their ioeventfds registered
-    /// (slow: an SRCU grace period each). Nothing is said to the backends and no interrupt is
-    /// routed until [`PciDevices::finish_adopt`] loads the state at the pause.
-    pub fn prepare_adopt(
-        vm: Arc<dyn AsVmFd>,
-        mmio: &Arc<Bus>,
-        pio: &Bus,
-        memory: &GuestMemoryMmap,
-        mem_bytes: u64,
-        early: &[PciDeviceState],
-        fds: Vec<OwnedFd>,
-    ) -> Result<Self, Error> {
-        let mut pci = Self::root_only(mmio, pio, mem_bytes)?;
-        if early.is_empty() {
-            return Ok(pci);
-        }
-        let irqs = Arc::new(KvmInterrupts::new(vm));
-        let mut fds = fds.into_iter();
-        let (mut disks, mut nets) = (0, 0);
-        for saved in early {
-            let label = match &saved.config {
-                PciDeviceConfig::Disk(_) => {
-                    disks += 1;
-                    device_label(&saved.config, disks - 1)
-                }
-                PciDeviceConfig::Net(_) => {
-                    nets += 1;
-                    device_label(&saved.config, nets - 1)
-                }
-            };
-            let bad = |reason: &str| Error::BadHandover {
-                label: label.clone(),
-                reason: reason.into(),
-            };
-            let (kind, name, socket, nq, qsize) = match &saved.config {
-                PciDeviceConfig::Disk(c) => (
-                    Kind::Block,
-                    "virtio-blk",
-                    c.socket.clone(),
-                    c.num_queues,
-                    c.queue_size,
-                ),
-                PciDeviceConfig::Net(c) => (
-                    Kind::Net { mac: c.mac },
-                    "virtio-net",
-                    c.socket.clone(),
-                    c.num_queues,
-                    c.queue_size,
-                ),
-            };
-            let mut vhost_state = vhost_state(saved).ok_or_else(|| bad("vhost-user state"))?;
-            // The predecessor still runs these rings: stay silent until the state at its pause.
-            vhost_state.paused = true;
-            let socket_fd = fds.next().ok_or_else(|| bad("socket missing"))?;
-            let inflight = match saved.inflight {
-                true => Some(fds.next().ok_or_else(|| bad("inflight region missing"))?),
-                false => None,
-            };
-            let mut eventfds = Vec::with_capacity(2 * usize::from(nq));
-            for _ in 0..2 * usize::from(nq) {
-                let fd = fds.next().ok_or_else(|| bad("queue eventfd missing"))?;
-                // SAFETY: the predecessor sent this descriptor as a queue eventfd, and it is
-                // owned here: EventFd takes it over.
-                eventfds.push(Arc::new(unsafe { eventfd_from(fd) }));
-            }
-            let calls = eventfds.split_off(usize::from(nq));
-            let kicks = eventfds;
-            let dev = VhostUserDevice::adopt(
-                kind,
-                socket,
-                nq,
-                qsize,
-                memory.clone(),
-                vhost_state,
-                socket_fd,
-                inflight,
-                &kicks,
-                &calls,
-            )
-            .map_err(|source| Error::Adopt {
-                label: label.clone(),
-                source,
-            })?;
-            let transport = VirtioPciTransport::with_eventfds(
-                name,
-                dev.clone(),
-                memory.clone(),
-                irqs.clone(),
-                irqs.clone(),
-                Some((kicks, calls)),
-            )
-            .map_err(|source| Error::Transport { name, source })?;
-            let slot = pci.plug(
-                label.clone(),
-                transport,
-                Some(saved.config.clone()),
-                Some(dev),
-            )?;
-            if slot != saved.slot {
-                return Err(bad("device slots differ from the predecessor's"));
-            }
-        }
-        if fds.next().is_some() {
-            return Err(Error::BadHandover {
-                label: "pci".into(),
-                reason: "more descriptors than devices".into(),
-            });
-        }
-        Ok(pci)
-    }
-
-    /// Loads the predecessor's device state at its pause into devices made by
-    /// [`PciDevices::prepare_adopt`]: vrings, transport registers, MSI-X routes and irqfds, BAR
-    /// mapping. The devices stay paused until [`PciDevices::resume`].
-    pub fn finish_adopt(&self, states: &[PciDeviceState]) -> Result<(), Error> {
-        if states.len() != self.devices.len() {
-            return Err(Error::BadHandover {
-                label: "pci".into(),
-                reason: "the device list changed during the handover".into(),
-            });
-        }
-        for (d, saved) in self.devices.iter().zip(states) {
-            let bad = |reason: &str| Error::BadHandover {
-                label: d.label.clone(),
-                reason: reason.into(),
-            };
-            if d.config.as_ref() != Some(&saved.config) || d.slot != saved.slot {
-                return Err(bad("the device changed during the handover"));
-            }
-            let vhost = d
-                .vhost
-                .as_ref()
-                .ok_or_else(|| bad("not a vhost-user device"))?;
-            let state = vhost_state(saved).ok_or_else(|| bad("vhost-user state"))?;
-            vhost
-                .load_handover_state(state, &d.transport.kick_fds(), &d.transport.call_fds())
-                .map_err(|source| Error::Adopt {
-                    label: d.label.clone(),
-                    source,
-                })?;
-            d.transport
-                .restore(&saved.state)
-                .map_err(|source| Error::Restore {
-                    label: d.label.clone(),
-                    source,
-                })?;
-            self.root.sync_bars(d.slot);
-        }
-        Ok(())
     }
 
     /// Masks every device's MSI-X function so this VM lets go of the queues' irqfds: KVM binds
@@ -530,8 +329,10 @@ impl PciDevices {
     /// stops watching their connections (a backend restarting in the moments before this
     /// process exits must be reconnected by the successor alone).
     pub fn detach(&self) {
-        for vhost in self.devices.iter().filter_map(|d| d.vhost.as_ref()) {
-            vhost.shutdown();
+        for d in &self.devices {
+            if let Backend::VhostUser(vhost) = &d.backend {
+                vhost.shutdown();
+            }
         }
     }
 
@@ -550,9 +351,9 @@ impl PciDevices {
         let mut out = DeviceConfig::default();
         for d in &self.devices {
             match &d.config {
-                Some(PciDeviceConfig::Disk(c)) => out.disks.push(c.clone()),
-                Some(PciDeviceConfig::Net(c)) => out.nets.push(c.clone()),
-                None => {}
+                PciDeviceConfig::Disk(c) => out.disks.push(c.clone()),
+                PciDeviceConfig::Net(c) => out.nets.push(c.clone()),
+                PciDeviceConfig::Vsock(c) => out.vsock = Some(c.clone()),
             }
         }
         out
@@ -634,30 +435,6 @@ fn msix_control_offset(device: &dyn PciDevice) -> Option<u64> {
         ptr = read8(u64::from(ptr) + 1);
     }
     None
-}
-
-/// The vhost-user part of a saved transport (`{"device": …}`).
-fn vhost_state(saved: &PciDeviceState) -> Option<VhostUserState> {
-    serde_json::from_value(saved.state.get("device")?.clone()).ok()
-}
-
-/// A close-on-exec duplicate of `evt`'s descriptor.
-fn dup_fd(evt: &EventFd) -> std::io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: `evt` owns the descriptor and outlives this borrow.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(evt.as_raw_fd()) };
-    fd.try_clone_to_owned()
-}
-
-/// Wraps a received eventfd descriptor.
-///
-/// # Safety
-///
-/// `fd` must be an eventfd.
-unsafe fn eventfd_from(fd: OwnedFd) -> EventFd {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    // SAFETY: the caller guarantees an eventfd; ownership moves into the EventFd.
-    unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
 }
 
 #[cfg(test)]

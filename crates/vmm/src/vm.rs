@@ -88,8 +88,8 @@ pub enum Error {
     },
     #[error("Cannot list the MSRs to save")]
     MsrList(#[source] outboard_hypervisor::Error),
-    #[error("Snapshots of VMs with virtio devices are not supported yet")]
-    SnapshotWithVirtio,
+    #[error("A restored VM takes its virtio devices from the snapshot; configure none")]
+    DevicesWithRestore,
     #[error("The VM has not been started")]
     NotStarted,
     #[error("The saved state has no vCPU {0}")]
@@ -112,7 +112,7 @@ impl Error {
                 | Error::RestoreMemory(_)
                 | Error::RestoreVcpu { .. }
                 | Error::RestoreDevice { .. }
-                | Error::SnapshotWithVirtio
+                | Error::DevicesWithRestore
         )
     }
 }
@@ -154,10 +154,19 @@ pub struct PreparedVm {
     mmio: Arc<Bus>,
     /// A live update's devices, adopted before the pause.
     pci: Option<crate::pci::PciDevices>,
+    /// A live update's vsock connections, handed over at the pause.
+    vsock_streams: Vec<std::os::fd::OwnedFd>,
     vcpus: Vec<(
         outboard_hypervisor::vcpu::Vcpu,
         outboard_hypervisor::kvm_bindings::kvm_lapic_state,
     )>,
+}
+
+impl PreparedVm {
+    /// The vsock connections' sockets that came with the state at the pause.
+    pub fn set_vsock_streams(&mut self, streams: Vec<std::os::fd::OwnedFd>) {
+        self.vsock_streams = streams;
+    }
 }
 
 impl std::fmt::Debug for PreparedVm {
@@ -252,8 +261,8 @@ impl Vm {
     /// and reboot settings) and guest memory from `memory`; vCPUs, interrupt controllers, PIT,
     /// kvmclock and devices as saved. Nothing runs yet.
     ///
-    /// Virtio devices can only move by live update ([`Vm::prepare`] with their descriptors);
-    /// a snapshot file can't restore them.
+    /// Virtio devices come from the state: each is connected afresh to its backend (see
+    /// [`crate::pci::PciDevices::restore`]).
     pub fn restore(
         hv: &Hypervisor,
         config: &VmmConfig,
@@ -261,8 +270,8 @@ impl Vm {
         state: &VmState,
         memory: RamSource<'_>,
     ) -> Result<Vm, Error> {
-        if !config.devices.is_empty() || !state.pci_devices.is_empty() {
-            return Err(Error::SnapshotWithVirtio);
+        if !config.devices.is_empty() {
+            return Err(Error::DevicesWithRestore);
         }
         Self::create(hv, config, events, Some((state, memory)))
     }
@@ -348,6 +357,7 @@ impl Vm {
             pio,
             mmio,
             pci,
+            vsock_streams: Vec::new(),
             vcpus,
         })
     }
@@ -384,6 +394,7 @@ impl Vm {
             pio,
             mmio,
             pci,
+            vsock_streams,
             vcpus,
         } = prepared;
         let (entry, placement) = match snapshot {
@@ -418,11 +429,19 @@ impl Vm {
         let devices: Vec<Arc<dyn Device>> = vec![serial.clone(), i8042, pm, debugcon];
         let pci = match (pci, snapshot) {
             (Some(pci), Some(state)) => {
-                pci.finish_adopt(&state.pci_devices)?;
+                pci.finish_adopt(&state.pci_devices, vsock_streams)?;
                 pci
             }
             (Some(_), None) => return Err(Error::PreparedMismatch),
-            (None, _) => crate::pci::PciDevices::build(
+            (None, Some(state)) => crate::pci::PciDevices::restore(
+                kvm_vm.clone(),
+                &mmio,
+                &pio,
+                ram.memory(),
+                config.mem_bytes(),
+                &state.pci_devices,
+            )?,
+            (None, None) => crate::pci::PciDevices::build(
                 kvm_vm.clone(),
                 &mmio,
                 &pio,
@@ -523,24 +542,19 @@ impl Vm {
         Ok(())
     }
 
-    /// The whole VM as a [`VmState`]; the VM must be paused. Virtio devices can't be written
-    /// to a snapshot file (their backends' connections are descriptors): see
-    /// [`Vm::handover_state`].
+    /// The whole VM as a [`VmState`], virtio devices included (their rings stopped by the
+    /// pause); the VM must be paused. A snapshot file holds this; a successor VMM gets it with
+    /// the devices' descriptors ([`crate::pci::PciDevices::handover`]).
     pub fn save_state(&self, hv: &Hypervisor) -> Result<VmState, Error> {
-        if !self.config.devices.is_empty() {
-            return Err(Error::SnapshotWithVirtio);
-        }
-        self.save_state_inner(hv)
-    }
-
-    /// The whole VM for a successor VMM: [`Vm::save_state`] plus the virtio devices (their
-    /// descriptors went with [`crate::pci::PciDevices::handover`] before the pause). The VM
-    /// must be paused.
-    pub fn handover_state(&self, hv: &Hypervisor) -> Result<VmState, Error> {
         let pci_devices = self.pci.states()?;
         let mut state = self.save_state_inner(hv)?;
         state.pci_devices = pci_devices;
         Ok(state)
+    }
+
+    /// [`Vm::save_state`] for a live update.
+    pub fn handover_state(&self, hv: &Hypervisor) -> Result<VmState, Error> {
+        self.save_state(hv)
     }
 
     fn save_state_inner(&self, hv: &Hypervisor) -> Result<VmState, Error> {

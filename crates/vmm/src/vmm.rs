@@ -349,7 +349,11 @@ impl Vmm {
             console::forward_stdin(vm.serial()).map_err(vm::Error::from)?;
         }
         if resume {
-            vm.start()?;
+            // Parked first: restored virtio devices start their rings in `resume`, before the
+            // vCPUs run.
+            vm.start_paused()?;
+            vm.resume();
+            vm.pci().replay_interrupts();
             self.state = VmState::Running;
         } else {
             vm.start_paused()?;
@@ -598,10 +602,9 @@ impl Vmm {
             }
         };
         let started = Instant::now();
-        let state = vm.save_state(&self.hv).map_err(|e| match e {
-            vm::Error::SnapshotWithVirtio => ApiError::conflict(error_chain(&e)),
-            e => ApiError::internal(error_chain(&e)),
-        })?;
+        let state = vm
+            .save_state(&self.hv)
+            .map_err(|e| ApiError::internal(error_chain(&e)))?;
         let saved_at = started.elapsed();
         snapshot::write_file(&request.state_path, &state)
             .map_err(|e| ApiError::bad_request(error_chain(&e)))?;
@@ -625,11 +628,6 @@ impl Vmm {
             (Some(vm), VmState::Running | VmState::Paused) if self.exit.is_none() => vm,
             _ => return Err(ApiError::conflict("The VM is not running")),
         };
-        if self.config.devices.vsock.is_some() {
-            return Err(ApiError::conflict(error_chain(
-                &crate::pci::Error::VsockHandover,
-            )));
-        }
         let running = self.state == VmState::Running;
         let config = HandoverConfig {
             id: self.id.clone(),
@@ -650,9 +648,6 @@ impl Vmm {
                 self.exit = Some(Outcome::LiveUpdated);
                 self.state = VmState::Paused;
                 Ok(ApiResponse::NoContent)
-            }
-            Err(Error::Vm(e @ vm::Error::SnapshotWithVirtio)) => {
-                Err(ApiError::conflict(error_chain(&e)))
             }
             Err(e) => Err(ApiError::internal(format!(
                 "Live update failed; the VM runs on here: {}",

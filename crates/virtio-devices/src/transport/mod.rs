@@ -324,6 +324,36 @@ impl<M: GuestMemoryBackend + Send + Sync> VirtioPciTransport<M> {
         self.config_interrupt(&mut inner);
     }
 
+    /// The queues a restored device runs on: the enabled ones of the state loaded by
+    /// [`Self::restore_state`], checked as on DRIVER_OK (a saved state may be hostile).
+    pub fn active_queues(&self) -> Result<Vec<ActiveQueue>, String> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (index, q) in inner.state.queues.iter().enumerate() {
+            if !q.enabled {
+                continue;
+            }
+            let max = self.device.queue_max_size();
+            if q.size == 0 || q.size > max || !q.size.is_power_of_two() {
+                return Err(format!("queue {index}: size {} is invalid", q.size));
+            }
+            self.queue_valid(q)
+                .map_err(|why| format!("queue {index}: {why}"))?;
+            out.push(ActiveQueue {
+                index,
+                config: QueueConfig {
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                },
+                kick: inner.kicks[index].clone(),
+                call: inner.calls[index].clone(),
+            });
+        }
+        Ok(out)
+    }
+
     fn queue_valid(&self, q: &QueueRegs) -> Result<(), String> {
         let n = u64::from(q.size);
         let rings = [

@@ -29,7 +29,7 @@ impl VhostUserDevice {
     /// Nothing is said to the backend here: until the predecessor commits the live update it
     /// may still take the device back (rollback), and a request of ours in the socket would
     /// desynchronise its conversation. The frontend library's view of the negotiated features
-    /// is rebuilt on first use ([`Self::reteach`]). The backend keeps its memory table (the
+    /// is rebuilt on first use (`reteach`). The backend keeps its memory table (the
     /// same memfd pages; vring addresses stay in its labels), so a paused device resumes with
     /// the vring messages only.
     #[allow(clippy::too_many_arguments)]

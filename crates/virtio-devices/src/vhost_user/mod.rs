@@ -18,6 +18,10 @@
 //! reconnects with backoff and replays features, memory table, inflight fd and the vrings with
 //! bases taken from the used index in guest memory; a libvhost-user backend resubmits what the
 //! inflight region says was in flight. The guest sees a delay, not an error.
+//!
+//! A live update hands the connection to a successor VMM (`handover.rs`); a snapshot restored
+//! in a new process connects afresh and starts the saved rings at the used index in guest
+//! memory (`restore.rs`).
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -40,6 +44,7 @@ use crate::{ActiveQueue, Error, QueueConfig, VirtioDevice, TYPE_BLOCK, TYPE_NET}
 
 mod handover;
 mod reconnect;
+mod restore;
 mod session;
 
 /// Size of `struct virtio_blk_config` in virtio 1.2 (up to `write_zeroes_may_unmap`).

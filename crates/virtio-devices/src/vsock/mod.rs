@@ -15,6 +15,13 @@
 //!  guest REQUEST ─connect ok─────────────────────────────────────────► Established
 //!  Established ─RST / SHUTDOWN both / host EOF / error─► removed (RST or SHUTDOWN to the guest)
 //! ```
+//!
+//! Paused, the worker is parked with all its state ([`VsockState`]: queue positions, every
+//! connection's flow-control counters and unsent bytes, pending control packets). A live update
+//! hands the listener and the connections' sockets to the successor, which rebuilds the worker
+//! ([`VsockDevice::adopt`], [`VsockDevice::load_state`]): host peers and the guest carry on. A
+//! snapshot restored in a new process listens on the path again, but the host ends of the
+//! connections died with the old process: the guest gets an RST for each.
 
 pub mod packet;
 mod worker;
@@ -34,7 +41,7 @@ use crate::{ActiveQueue, Error, VirtioDevice, TYPE_VSOCK, VIRTIO_F_VERSION_1};
 
 pub const QUEUE_SIZE: u16 = 256;
 
-/// Errors of creating the vsock device.
+/// Errors of creating the vsock device and of restoring its state.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("Cannot listen on vsock socket {}", path.display())]
@@ -43,6 +50,12 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Saved vsock state does not fit: {0}")]
+    BadState(String),
+    #[error("Saved vsock state is malformed")]
+    Malformed(#[source] serde_json::Error),
+    #[error("Cannot set up the vsock worker")]
+    Worker(#[source] std::io::Error),
 }
 
 /// Per-device counters.
@@ -96,6 +109,86 @@ impl VsockDevice {
             parked: Mutex::new(None),
             counters: Arc::new(Counters::default()),
         })
+    }
+
+    /// A live-update successor's device on the predecessor's listening socket (so the path
+    /// never stops answering). Its state comes with [`VsockDevice::load_state`].
+    pub fn adopt(
+        cid: u64,
+        uds_path: PathBuf,
+        memory: GuestMemoryMmap,
+        listener: std::os::fd::OwnedFd,
+    ) -> Result<Self, StartError> {
+        let listener = UnixListener::from(listener);
+        listener.set_nonblocking(true).map_err(StartError::Worker)?;
+        Ok(VsockDevice {
+            cid,
+            uds_path,
+            memory,
+            listener: Mutex::new(Some(listener)),
+            running: Mutex::new(None),
+            parked: Mutex::new(None),
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    /// A duplicate of the listening socket, for a successor VMM.
+    pub fn listener_fd(&self) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd;
+        let listener = self.listener.lock().unwrap_or_else(PoisonError::into_inner);
+        listener
+            .as_ref()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .transpose()
+    }
+
+    /// Duplicates of the connections' sockets, in the order of the saved state's
+    /// `connections` (the device must be paused; none when it never ran).
+    pub fn streams(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        let parked = self.parked.lock().unwrap_or_else(PoisonError::into_inner);
+        parked
+            .as_ref()
+            .map_or(Ok(Vec::new()), worker::Worker::streams)
+    }
+
+    /// Loads `saved` (the device part of a saved transport; null if the device never ran)
+    /// onto `queues`, the restored transport's: the worker is rebuilt and stays parked until
+    /// [`VirtioDevice::resume`]. `streams` as in a live update (the connections go on) or
+    /// `None` for a snapshot file (each connection is reset towards the guest).
+    pub fn load_state(
+        &self,
+        saved: &serde_json::Value,
+        queues: Vec<ActiveQueue>,
+        streams: Option<Vec<std::os::fd::OwnedFd>>,
+    ) -> Result<(), StartError> {
+        if saved.is_null() {
+            return Ok(());
+        }
+        let state: VsockState =
+            serde_json::from_value(saved.clone()).map_err(StartError::Malformed)?;
+        self.reset();
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(UnixListener::try_clone)
+            .transpose()
+            .map_err(StartError::Worker)?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Worker)?);
+        let mut worker = worker::Worker::new(
+            self.cid,
+            self.uds_path.clone(),
+            self.memory.clone(),
+            queues,
+            listener,
+            stop,
+            self.counters.clone(),
+        )
+        .map_err(StartError::Worker)?;
+        worker.load(state, streams).map_err(StartError::BadState)?;
+        *self.parked.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        Ok(())
     }
 
     /// Stops the worker thread and returns the worker (parked state).

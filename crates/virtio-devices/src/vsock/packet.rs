@@ -33,7 +33,7 @@ pub enum Error {
 }
 
 /// A packet header.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Header {
     pub src_cid: u64,
     pub dst_cid: u64,

@@ -24,6 +24,8 @@ use super::packet::{OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, TYPE_ST
 use super::Counters;
 use crate::ActiveQueue;
 
+mod restore;
+
 const TOKEN_STOP: u64 = 0;
 const TOKEN_RX: u64 = 1;
 const TOKEN_TX: u64 = 2;
@@ -110,6 +112,9 @@ pub struct ConnState {
     pub guest_port: u32,
     pub host_port: u32,
     pub established: bool,
+    /// A host connection still sending its `CONNECT` line: what came so far (format v3).
+    #[serde(default)]
+    pub handshake: Option<Vec<u8>>,
     pub peer_buf_alloc: u32,
     pub peer_fwd_cnt: u32,
     pub rx_cnt: u32,
@@ -117,7 +122,8 @@ pub struct ConnState {
     pub pending_out: Vec<u8>,
 }
 
-/// The worker's state: queue positions and connections.
+/// The worker's state: queue positions and connections (in the order their sockets are
+/// handed over, see `VsockDevice::streams`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockState {
     pub cid: u64,
@@ -125,6 +131,12 @@ pub struct VsockState {
     pub rx: Option<(u16, u16)>,
     pub tx: Option<(u16, u16)>,
     pub connections: Vec<ConnState>,
+    /// Control packets not yet given to the guest (format v3).
+    #[serde(default)]
+    pub control: Vec<Header>,
+    /// The host port the next host-initiated connection gets (format v3).
+    #[serde(default)]
+    pub next_host_port: u32,
 }
 
 /// A packet header from the host side of connection `c`.
@@ -226,13 +238,13 @@ impl Worker {
             rx: pos(&self.rx),
             tx: pos(&self.tx),
             connections: self
-                .conns
-                .values()
-                .filter(|c| c.state != State::Handshake)
+                .sorted()
+                .into_iter()
                 .map(|c| ConnState {
                     guest_port: c.guest_port,
                     host_port: c.host_port,
                     established: c.state == State::Established,
+                    handshake: (c.state == State::Handshake).then(|| c.line.clone()),
                     peer_buf_alloc: c.peer_buf_alloc,
                     peer_fwd_cnt: c.peer_fwd_cnt,
                     rx_cnt: c.rx_cnt,
@@ -240,11 +252,24 @@ impl Worker {
                     pending_out: c.pending_out.clone(),
                 })
                 .collect(),
+            control: self.control.iter().copied().collect(),
+            next_host_port: self.next_host_port,
         }
+    }
+
+    /// The connections in token order (the order of [`Worker::state`] and
+    /// [`Worker::streams`]).
+    fn sorted(&self) -> Vec<&Conn> {
+        let mut tokens: Vec<&u64> = self.conns.keys().collect();
+        tokens.sort();
+        tokens.into_iter().map(|t| &self.conns[t]).collect()
     }
 
     pub(super) fn run(mut self) -> Self {
         let mut events = vec![EpollEvent::default(); 64];
+        // A restored or resumed worker may have packets waiting on either side already.
+        self.process_tx();
+        self.process_rx();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,

@@ -13,14 +13,18 @@
 //! Versions: this build writes [`FORMAT_VERSION`] and reads every version from
 //! [`OLDEST_READABLE_VERSION`] up to it. When the state changes incompatibly, the next release
 //! bumps `FORMAT_VERSION`, freezes today's structures in a `v1` module and adds an upgrade
-//! (`from_v1`) in [`decode_payload`], so a snapshot (or live update) from the previous release
+//! (`from_v1`) in `decode_payload`, so a snapshot (or live update) from the previous release
 //! keeps loading. `tests/fixtures/vmstate-v1.obvm` is a real v1 document that must keep loading.
 //!
 //! - v1: machine, boot source, memory layout, vCPUs, PICs/IOAPIC/PIT, kvmclock, legacy devices.
 //! - v2: adds `pci_devices` (virtio-pci transports with their MSI-X tables and the vhost-user
 //!   vring state). A v1 document is a v2 document without devices; a v1 reader would ignore the
 //!   new field and lose the devices, hence the bump.
+//! - v3: a vsock device among `pci_devices` (its queues, connections and pending control
+//!   packets). A v2 reader can't parse it. A document without a vsock device is written as v2,
+//!   so the previous release still takes a VM without one (a live update back to it).
 
+pub mod devices;
 pub mod memory;
 
 use std::collections::BTreeMap;
@@ -33,8 +37,8 @@ use serde::{Deserialize, Serialize};
 
 /// Marks an outboard-vmm state file.
 pub const MAGIC: [u8; 8] = *b"OBVMSTAT";
-/// The version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest version this build writes (see [`encode`] for when it writes an older one).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest version this build reads (N−1).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 /// Bigger state files are refused unread (a small VM's state is tens of KiB).
@@ -118,11 +122,58 @@ pub struct VmState {
     pub pci_devices: Vec<PciDeviceState>,
 }
 
-/// What a virtio device on PCI was made from (`--disk`, `--net`).
+/// What a virtio device on PCI was made from (`--disk`, `--net`, `--vsock`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PciDeviceConfig {
     Disk(outboard_virtio_devices::options::DiskConfig),
     Net(outboard_virtio_devices::options::NetConfig),
+    /// Format v3.
+    Vsock(outboard_virtio_devices::options::VsockConfig),
+}
+
+impl PciDeviceConfig {
+    /// Checks a deserialized configuration as `--disk`/`--net`/`--vsock` check theirs (a state
+    /// document may be hostile: a queue count out of range must not reach the devices).
+    pub fn validate(&self) -> Result<(), Error> {
+        use outboard_virtio_devices::options::{DiskConfig, NetConfig, VsockConfig};
+        let path = |p: &Path| {
+            p.to_str()
+                .filter(|p| !p.contains([',', '=']))
+                .map(str::to_owned)
+                .ok_or_else(|| Error::Inconsistent(format!("device path {}", p.display())))
+        };
+        let same = match self {
+            PciDeviceConfig::Disk(c) => format!(
+                "socket={},num_queues={},queue_size={}",
+                path(&c.socket)?,
+                c.num_queues,
+                c.queue_size
+            )
+            .parse::<DiskConfig>()
+            .is_ok_and(|p| p == *c),
+            PciDeviceConfig::Net(c) => {
+                let mut opts = format!(
+                    "socket={},num_queues={},queue_size={}",
+                    path(&c.socket)?,
+                    c.num_queues,
+                    c.queue_size
+                );
+                if let Some(mac) = &c.mac {
+                    opts.push_str(&format!(",mac={}", crate::pci::mac_string(mac)));
+                }
+                opts.parse::<NetConfig>().is_ok_and(|p| p == *c)
+            }
+            PciDeviceConfig::Vsock(c) => format!("cid={},uds_path={}", c.cid, path(&c.uds_path)?)
+                .parse::<VsockConfig>()
+                .is_ok_and(|p| p == *c),
+        };
+        if !same {
+            return Err(Error::Inconsistent(format!(
+                "device configuration {self:?}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One virtio device on PCI.
@@ -169,16 +220,33 @@ impl VmState {
         if expected != self.memory.ranges {
             return bad("memory layout differs from this VMM's layout for that size".into());
         }
+        for device in &self.pci_devices {
+            device.config.validate()?;
+        }
         Ok(())
     }
 }
 
-/// The state file's bytes for `state`.
+/// The oldest version that holds everything in `state`.
+pub fn version_for(state: &VmState) -> u32 {
+    let vsock = state
+        .pci_devices
+        .iter()
+        .any(|d| matches!(d.config, PciDeviceConfig::Vsock(_)));
+    if vsock {
+        3
+    } else {
+        2
+    }
+}
+
+/// The state file's bytes for `state`, as the oldest version that holds it
+/// ([`version_for`]).
 pub fn encode(state: &VmState) -> Result<Vec<u8>, Error> {
     let payload = serde_json::to_vec(state).map_err(Error::Json)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + 4);
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version_for(state).to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&payload);
     let crc = crc32c::crc32c(&out);
@@ -236,7 +304,15 @@ fn decode_payload(version: u32, payload: &[u8]) -> Result<VmState, Error> {
             }
             Ok(state)
         }
-        2 => serde_json::from_slice(payload).map_err(Error::Json),
+        2 | 3 => {
+            let state: VmState = serde_json::from_slice(payload).map_err(Error::Json)?;
+            if version < version_for(&state) {
+                return Err(Error::Inconsistent(format!(
+                    "a v{version} document with a vsock device"
+                )));
+            }
+            Ok(state)
+        }
         v => Err(Error::TooOld {
             found: v,
             oldest: OLDEST_READABLE_VERSION,

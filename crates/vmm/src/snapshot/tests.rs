@@ -99,8 +99,8 @@ fn rejects_damaged_and_foreign_files() {
         matches!(
             err,
             Error::TooNew {
-                found: 3,
-                newest: 2
+                found: 4,
+                newest: 3
             }
         ),
         "{err}"
@@ -208,4 +208,85 @@ fn a_v1_document_claiming_devices_is_refused() {
         decode(&framed(1, payload)),
         Err(Error::Inconsistent(_))
     ));
+}
+
+/// A v3 state document handed over by a real outboard-vmm in a live update (the test guest's
+/// `vsock-echo` holding one connection to a host echo server, 1 vCPU, 128 MiB).
+#[test]
+fn v3_fixture_with_a_vsock_connection_keeps_loading() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/vmstate-v3.obvm"
+    );
+    let state = read_file(Path::new(path)).unwrap();
+    assert_eq!(version_for(&state), 3);
+    let dev = &state.pci_devices[0];
+    assert!(matches!(dev.config, PciDeviceConfig::Vsock(_)));
+    let vsock: outboard_virtio_devices::vsock::VsockState =
+        serde_json::from_value(dev.state["device"].clone()).unwrap();
+    assert_eq!(vsock.cid, 3);
+    assert_eq!(vsock.connections.len(), 1);
+    assert!(vsock.connections[0].established);
+    assert!(vsock.rx.is_some() && vsock.tx.is_some());
+}
+
+#[test]
+fn the_oldest_version_that_holds_the_state_is_written() {
+    let mut plain = state();
+    assert_eq!(
+        u32::from_le_bytes(encode(&plain).unwrap()[8..12].try_into().unwrap()),
+        2
+    );
+    plain.pci_devices.push(PciDeviceState {
+        label: "virtio-vsock0".into(),
+        slot: 1,
+        config: PciDeviceConfig::Vsock("cid=3,uds_path=/x".parse().unwrap()),
+        inflight: false,
+        state: serde_json::Value::Null,
+    });
+    let v3 = encode(&plain).unwrap();
+    assert_eq!(u32::from_le_bytes(v3[8..12].try_into().unwrap()), 3);
+    assert!(decode(&v3).is_ok());
+    // A v2 document can't hold a vsock device.
+    let payload = &v3[20..v3.len() - 4];
+    assert!(matches!(
+        decode(&framed(2, payload)),
+        Err(Error::Inconsistent(_))
+    ));
+}
+
+#[test]
+fn device_configurations_are_checked_like_the_command_line() {
+    let mut hostile = state();
+    let mut disk: outboard_virtio_devices::options::DiskConfig = "socket=/x".parse().unwrap();
+    hostile.pci_devices.push(PciDeviceState {
+        label: "virtio-blk0".into(),
+        slot: 1,
+        config: PciDeviceConfig::Disk(disk.clone()),
+        inflight: false,
+        state: serde_json::Value::Null,
+    });
+    assert!(decode(&encode(&hostile).unwrap()).is_ok());
+    for (queues, size) in [(0, 256), (u16::MAX, 256), (1, 0), (1, 100)] {
+        disk.num_queues = queues;
+        disk.queue_size = size;
+        hostile.pci_devices[0].config = PciDeviceConfig::Disk(disk.clone());
+        assert!(
+            matches!(
+                decode(&encode(&hostile).unwrap()),
+                Err(Error::Inconsistent(_))
+            ),
+            "{queues} queues of {size}"
+        );
+    }
+    let net: outboard_virtio_devices::options::NetConfig =
+        "socket=/n,mac=52:54:00:12:34:56".parse().unwrap();
+    hostile.pci_devices[0].config = PciDeviceConfig::Net(net);
+    assert!(decode(&encode(&hostile).unwrap()).is_ok());
+    let vsock: outboard_virtio_devices::options::VsockConfig = "cid=3,uds_path=/v".parse().unwrap();
+    hostile.pci_devices[0].config = PciDeviceConfig::Vsock(vsock.clone());
+    assert!(decode(&encode(&hostile).unwrap()).is_ok());
+    hostile.pci_devices[0].config =
+        PciDeviceConfig::Vsock(outboard_virtio_devices::options::VsockConfig { cid: 1, ..vsock });
+    assert!(decode(&encode(&hostile).unwrap()).is_err());
 }

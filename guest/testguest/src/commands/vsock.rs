@@ -1,6 +1,9 @@
 //! `vsock-echo`: connects to the host (CID 2) on `outboard.vsock_port=` (1234), sends
 //! `outboard.vsock_bytes=` (64) bytes, reads until they all came back, compares, shuts down.
-//! Waits `outboard.vsock_timeout_ms=` (5000) for each step.
+//! Waits `outboard.vsock_timeout_ms=` (5000) for each step. With `outboard.vsock_rounds=` (1)
+//! it echoes that many times on the one connection, `outboard.vsock_interval_ms=` (0) apart,
+//! printing `OUTBOARD_VSOCK_PROGRESS round=<r>` after each (a connection that must survive
+//! live updates).
 //!
 //! Result: `OUTBOARD_VSOCK_RESULT ok=<0|1> bytes=<echoed> cid=<guest CID> [error="…"]`.
 
@@ -31,10 +34,12 @@ enum Error {
 }
 
 pub fn run(env: &Env) {
-    let (Some(port), Some(bytes), Some(timeout_ms)) = (
+    let (Some(port), Some(bytes), Some(timeout_ms), Some(rounds), Some(interval_ms)) = (
         env.param_u64(NAME, "outboard.vsock_port", 1234),
         env.param_u64(NAME, "outboard.vsock_bytes", 64),
         env.param_u64(NAME, "outboard.vsock_timeout_ms", 5000),
+        env.param_u64(NAME, "outboard.vsock_rounds", 1),
+        env.param_u64(NAME, "outboard.vsock_interval_ms", 0),
     ) else {
         return;
     };
@@ -56,6 +61,7 @@ pub fn run(env: &Env) {
         port as u32,
         &message[..len],
         timeout_ms * 1_000_000,
+        (rounds.max(1), interval_ms.saturating_mul(1_000_000)),
     );
     crate::irq::report();
     match result {
@@ -78,6 +84,7 @@ fn exchange(
     port: u32,
     message: &[u8],
     timeout: u64,
+    (rounds, interval): (u64, u64),
 ) -> Result<usize, Error> {
     let mut rx = [0u8; BUF_LEN as usize];
     let request = v.header(LOCAL_PORT, port, proto::OP_REQUEST, 0);
@@ -98,6 +105,34 @@ fn exchange(
     if (peer_credit as usize) < message.len() {
         return Err(Error::Credit(peer_credit));
     }
+    let mut total = 0;
+    for round in 0..rounds {
+        if round > 0 {
+            let mut pause = Deadline::new(env.clock, interval);
+            while !pause.expired() {
+                core::hint::spin_loop();
+            }
+        }
+        total += echo_once(env, v, port, message, timeout)?;
+        if rounds > 1 {
+            println!("OUTBOARD_VSOCK_PROGRESS round={round}");
+        }
+    }
+    let mut shutdown = v.header(LOCAL_PORT, port, proto::OP_SHUTDOWN, 0);
+    shutdown.flags = proto::SHUTDOWN_BOTH;
+    send(env, v, shutdown, &[], timeout)?;
+    Ok(total)
+}
+
+/// Sends `message` on the open connection and reads its echo.
+fn echo_once(
+    env: &Env,
+    v: &mut Vsock,
+    port: u32,
+    message: &[u8],
+    timeout: u64,
+) -> Result<usize, Error> {
+    let mut rx = [0u8; BUF_LEN as usize];
     send(
         env,
         v,
@@ -106,7 +141,7 @@ fn exchange(
         timeout,
     )?;
     let mut got = 0;
-    deadline = Deadline::new(env.clock, timeout);
+    let mut deadline = Deadline::new(env.clock, timeout);
     while got < message.len() {
         match v.recv(&mut rx)? {
             Some((h, payload)) if h.op == proto::OP_RW && h.dst_port == LOCAL_PORT => {
@@ -130,9 +165,6 @@ fn exchange(
             _ => {}
         }
     }
-    let mut shutdown = v.header(LOCAL_PORT, port, proto::OP_SHUTDOWN, 0);
-    shutdown.flags = proto::SHUTDOWN_BOTH;
-    send(env, v, shutdown, &[], timeout)?;
     Ok(got)
 }
 
