@@ -53,6 +53,7 @@ pub struct Backing {
     file: File,
     path: PathBuf,
     size: u64,
+    mem_align: usize,
 }
 
 impl Backing {
@@ -71,11 +72,19 @@ impl Backing {
             path: path.to_owned(),
             source,
         })?;
+        let mem_align = dio_mem_align(&file).unwrap_or(ALIGN);
         Ok(Self {
             file,
             path: path.to_owned(),
             size: size / ALIGN as u64 * ALIGN as u64,
+            mem_align,
         })
+    }
+
+    /// Alignment O_DIRECT needs of memory addresses and lengths on this store (at most
+    /// [`ALIGN`]; [`ALIGN`] where the kernel does not say).
+    pub fn mem_align(&self) -> usize {
+        self.mem_align
     }
 
     /// Path it was opened from.
@@ -149,6 +158,29 @@ impl Backing {
     }
 }
 
+/// The store's O_DIRECT memory alignment from statx (STATX_DIOALIGN, Linux 6.1+), if it is a
+/// power of two no larger than [`ALIGN`].
+fn dio_mem_align(file: &File) -> Option<usize> {
+    // SAFETY: statx is plain data; all-zero is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call, the path is a valid empty C string (AT_EMPTY_PATH
+    // means the fd itself), and `st` is a valid statx the kernel writes into.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    if rc != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return None;
+    }
+    let a = st.stx_dio_mem_align as usize;
+    (a.is_power_of_two() && a <= ALIGN).then_some(a)
+}
+
 /// Size of a regular file, or of a block device (BLKGETSIZE64).
 fn device_size(file: &File) -> io::Result<u64> {
     let meta = file.metadata()?;
@@ -178,6 +210,7 @@ mod tests {
         File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let b = Backing::open(&path).unwrap();
         assert_eq!(b.size(), 1 << 20);
+        assert!(b.mem_align().is_power_of_two() && b.mem_align() <= ALIGN);
         let mut buf = AlignedBuf::new(8192);
         buf.as_mut_slice().fill(0xa5);
         b.write_at(&buf, 8192, 4096).unwrap();

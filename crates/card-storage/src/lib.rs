@@ -7,6 +7,7 @@
 //!        │ io_uring                          ▼
 //!  blk::engine ◄─ blk::request ◄─ vhost (vhost-user-blk, one worker per queue) ◄─ VM / loadgen
 //!   │ throttle (GCRA, exact waits)   xts (AES-256-XTS, 4 KiB units, bounce buffers)
+//!   └ plain volumes: zero copy, io_uring straight to/from guest memory (blk::direct)
 //! ```
 //!
 //! - [`table`]: the volume table on the backing store (format, recovery, extent allocator).

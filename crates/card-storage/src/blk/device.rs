@@ -39,6 +39,11 @@ pub struct Counters {
     pub throttled_ns: AtomicU64,
     /// Requests currently in the backend (throttled or in flight).
     pub queue_depth: AtomicU64,
+    /// Reads and writes done straight to or from guest memory (no bounce buffer).
+    pub zero_copy: AtomicU64,
+    /// Worst lateness of a throttle wake-up: how long after a waiting request became
+    /// admissible its worker ran, in nanoseconds (scheduling delay on a loaded host).
+    pub wake_late_max_ns: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -54,6 +59,8 @@ pub struct CounterSnapshot {
     pub errors: u64,
     pub throttled_ns: u64,
     pub queue_depth: u64,
+    pub zero_copy: u64,
+    pub wake_late_max_ns: u64,
 }
 
 impl Counters {
@@ -75,6 +82,8 @@ impl Counters {
             errors: l(&self.errors),
             throttled_ns: l(&self.throttled_ns),
             queue_depth: l(&self.queue_depth),
+            zero_copy: l(&self.zero_copy),
+            wake_late_max_ns: l(&self.wake_late_max_ns),
         }
     }
 }

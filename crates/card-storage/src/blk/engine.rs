@@ -1,9 +1,14 @@
 //! Executes virtio-blk requests of one volume for one worker thread.
 //!
-//! Each worker owns an [`Engine`]: an io_uring, its own XTS contexts and bounce buffers. Guest
-//! memory is never encrypted in place and never handed to the kernel: writes are copied into an
-//! aligned bounce buffer and encrypted there; reads land in a bounce buffer and are decrypted
-//! after completion, then copied to the guest.
+//! Each worker owns an [`Engine`]: an io_uring, its own XTS contexts and bounce buffers.
+//!
+//! - Plain volumes: reads and writes go straight between the store and guest memory (zero
+//!   copy, [`super::direct`]) when the caller lent the engine the guest memory
+//!   ([`Engine::use_guest_memory`]) and the buffers meet O_DIRECT alignment; otherwise through
+//!   a bounce buffer.
+//! - Encrypted volumes: guest memory is never encrypted in place and never handed to the
+//!   kernel: writes are copied into an aligned bounce buffer and encrypted there; reads land in
+//!   a bounce buffer and are decrypted after completion, then copied to the guest.
 //!
 //! ```text
 //!  enqueue(head, parsed) ──► throttled FIFO ──admit──► dispatch: SQEs pushed (one per extent
@@ -15,15 +20,17 @@
 //! The caller (the vhost-user backend) turns [`Completion`]s into used-ring entries and arms a
 //! timer for [`Engine::next_wakeup`] while requests wait for the throttle.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{Bytes, GuestMemory, Permissions};
 
 use super::device::{Counters, VolumeDevice};
+use super::direct::{self, Plan};
 use super::pool::BufPool;
 use super::request::{defs::*, gather, scatter, Op, Parsed, Range, Request};
 use crate::aligned::AlignedBuf;
@@ -48,10 +55,15 @@ pub struct Completion {
     pub used_len: u32,
 }
 
+/// Guest memory lent to the engine, kept mapped while zero-copy I/O into it is in flight.
+type MemoryOwner = Arc<dyn Any + Send + Sync>;
+
 struct Slot {
     head: u16,
     req: Request,
     buf: Option<AlignedBuf>,
+    /// Zero-copy iovecs into guest memory, and that memory kept mapped until completion.
+    direct: Option<(Plan, MemoryOwner)>,
     /// Pieces (SQEs) still in flight.
     pending: u32,
     failed: bool,
@@ -73,6 +85,9 @@ pub struct Engine {
     inflight: usize,
     fd: RawFd,
     pool: BufPool,
+    /// Guest memory lent by the caller, and the address of the `M` inside it.
+    owner: Option<(MemoryOwner, usize)>,
+    mem_align: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -96,6 +111,7 @@ impl Engine {
         }
         let xts = dev.key().map(Xts::new).transpose().map_err(Error::Xts)?;
         let fd = dev.backing().file().as_raw_fd();
+        let mem_align = dev.backing().mem_align();
         Ok(Self {
             dev,
             ring,
@@ -107,7 +123,27 @@ impl Engine {
             inflight: 0,
             fd,
             pool: BufPool::default(),
+            owner: None,
+            mem_align,
         })
+    }
+
+    /// Lends the engine the guest memory that later calls pass as `&**mem`, so that reads and
+    /// writes of a plain volume can go straight to and from it: the engine keeps `mem` (and so
+    /// its mappings) alive until every I/O into it has completed. Calls with any other memory
+    /// object use bounce buffers.
+    pub fn use_guest_memory<M: GuestMemory + Send + Sync + 'static>(&mut self, mem: &Arc<M>) {
+        let addr = Arc::as_ptr(mem) as usize;
+        if self.owner.as_ref().is_some_and(|(_, a)| *a == addr) {
+            return;
+        }
+        self.owner = Some((mem.clone(), addr));
+    }
+
+    /// The lent memory, if `mem` is it.
+    fn owner_of<M: GuestMemory>(&self, mem: &M) -> Option<MemoryOwner> {
+        let (owner, addr) = self.owner.as_ref()?;
+        (*addr == mem as *const M as usize).then(|| owner.clone())
     }
 
     /// The device this engine serves.
@@ -204,6 +240,7 @@ impl Engine {
             head,
             req,
             buf,
+            direct: None,
             pending: 0,
             failed: false,
         };
@@ -219,7 +256,105 @@ impl Engine {
         }
     }
 
+    /// A zero-copy plan for a read or write of `range` on a plain volume, if possible.
+    fn plan_direct<M: GuestMemory>(
+        &self,
+        mem: &M,
+        data: &[super::request::Segment],
+        range: Range,
+        access: Permissions,
+    ) -> Option<(Plan, MemoryOwner)> {
+        if self.xts.is_some() {
+            return None;
+        }
+        let owner = self.owner_of(mem)?;
+        let pieces = self.dev.volume().map(range.offset, range.len)?;
+        let plan = direct::plan(mem, data, &pieces, self.mem_align, access)?;
+        Some((plan, owner))
+    }
+
     fn dispatch<M: GuestMemory>(&mut self, mem: &M, head: u16, req: Request) {
+        match &req.op {
+            Op::Read { range, data } => {
+                let range = *range;
+                if let Some(d) = self.plan_direct(mem, data, range, Permissions::Write) {
+                    return self.rw_direct(mem, head, req, d, false);
+                }
+                let mut buf = self.pool.get(range.len as usize);
+                let ptr = buf.as_mut_ptr();
+                let idx = self.slot(head, req, Some(buf));
+                self.rw(mem, idx, &[range], ptr, false);
+            }
+            Op::Write { range, data } => {
+                let range = *range;
+                if let Some(d) = self.plan_direct(mem, data, range, Permissions::Read) {
+                    return self.rw_direct(mem, head, req, d, true);
+                }
+                let mut buf = self.pool.get(range.len as usize);
+                let len = range.len as usize;
+                if gather(mem, data, &mut buf.as_mut_slice()[..len]).is_err() {
+                    self.pool.put(buf);
+                    return self.complete_now(mem, head, &req, S_IOERR, 0);
+                }
+                if let Some(x) = self.xts.as_mut() {
+                    if x.encrypt(range.offset / SECTOR as u64, &mut buf.as_mut_slice()[..len])
+                        .is_err()
+                    {
+                        self.pool.put(buf);
+                        return self.complete_now(mem, head, &req, S_IOERR, 0);
+                    }
+                }
+                let ptr = buf.as_mut_ptr();
+                let idx = self.slot(head, req, Some(buf));
+                self.rw(mem, idx, &[range], ptr, true);
+            }
+            _ => self.dispatch_other(mem, head, req),
+        }
+    }
+
+    /// Pushes the pieces of a zero-copy plan: one SQE per extent piece, straight into (reads)
+    /// or out of (writes) guest memory.
+    fn rw_direct<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        head: u16,
+        req: Request,
+        direct: (Plan, MemoryOwner),
+        write: bool,
+    ) {
+        Counters::add(&self.counters().zero_copy, 1);
+        let idx = self.slot(head, req, None);
+        let mut sqes = Vec::with_capacity(direct.0.pieces.len());
+        for p in &direct.0.pieces {
+            let fd = types::Fd(self.fd);
+            let iov = &direct.0.iovs[p.first];
+            let sqe = match (p.count, write) {
+                (1, false) => opcode::Read::new(fd, iov.iov_base.cast(), p.len)
+                    .offset(p.phys)
+                    .build(),
+                (1, true) => opcode::Write::new(fd, iov.iov_base.cast(), p.len)
+                    .offset(p.phys)
+                    .build(),
+                (n, false) => opcode::Readv::new(fd, iov, n as u32).offset(p.phys).build(),
+                (n, true) => opcode::Writev::new(fd, iov, n as u32)
+                    .offset(p.phys)
+                    .build(),
+            };
+            sqes.push((p.len, sqe));
+        }
+        // The iovec array lives in the slot (its heap buffer does not move) until the last
+        // piece completes.
+        if let Some(slot) = self.slots[idx].as_mut() {
+            slot.direct = Some(direct);
+        }
+        for (len, sqe) in sqes {
+            self.push(idx, len, sqe);
+        }
+        self.finish_if_idle(mem, idx);
+    }
+
+    /// Requests other than reads and writes: GET_ID, FLUSH, DISCARD, WRITE_ZEROES.
+    fn dispatch_other<M: GuestMemory>(&mut self, mem: &M, head: u16, req: Request) {
         match req.op.clone() {
             Op::GetId { data, len } => {
                 let id = *self.dev.serial();
@@ -237,29 +372,7 @@ impl Engine {
                     .build();
                 self.push(idx, 0, sqe);
             }
-            Op::Read { range, .. } => {
-                let mut buf = self.pool.get(range.len as usize);
-                let ptr = buf.as_mut_ptr();
-                let idx = self.slot(head, req, Some(buf));
-                self.rw(mem, idx, &[range], ptr, false);
-            }
-            Op::Write { range, ref data } => {
-                let mut buf = self.pool.get(range.len as usize);
-                let len = range.len as usize;
-                if gather(mem, data, &mut buf.as_mut_slice()[..len]).is_err() {
-                    return self.complete_now(mem, head, &req, S_IOERR, 0);
-                }
-                if let Some(x) = self.xts.as_mut() {
-                    if x.encrypt(range.offset / SECTOR as u64, &mut buf.as_mut_slice()[..len])
-                        .is_err()
-                    {
-                        return self.complete_now(mem, head, &req, S_IOERR, 0);
-                    }
-                }
-                let ptr = buf.as_mut_ptr();
-                let idx = self.slot(head, req, Some(buf));
-                self.rw(mem, idx, &[range], ptr, true);
-            }
+            Op::Read { .. } | Op::Write { .. } => self.dispatch(mem, head, req),
             Op::WriteZeroes(ranges) => {
                 let total: u64 = ranges.iter().map(|r| r.len).sum();
                 let mut buf = self.pool.get(total as usize);
@@ -342,9 +455,10 @@ impl Engine {
     fn push(&mut self, idx: usize, expect: u32, sqe: squeue::Entry) {
         let sqe = sqe.user_data((expect as u64) << 32 | idx as u64);
         loop {
-            // SAFETY: every buffer an SQE points to is owned by slot `idx`, which is freed only
-            // after all its pieces have completed (and Drop waits for in-flight pieces), so the
-            // memory stays valid for the kernel for the whole operation.
+            // SAFETY: every buffer an SQE points to is owned by slot `idx` (a bounce buffer, or
+            // iovecs into guest memory whose mapping the slot keeps alive through its owner
+            // Arc), and the slot is freed only after all its pieces have completed (Drop waits
+            // for in-flight pieces), so the memory stays valid for the kernel throughout.
             let pushed = unsafe { self.ring.submission().push(&sqe) };
             if pushed.is_ok() {
                 break;
@@ -435,8 +549,13 @@ impl Engine {
         let mut data_len = 0u32;
         let mut code = if slot.failed { S_IOERR } else { S_OK };
         match &slot.req.op {
+            Op::Read { range, .. } if !slot.failed && slot.direct.is_some() => {
+                data_len = range.len as u32;
+                Counters::add(&c.read_ops, 1);
+                Counters::add(&c.read_bytes, range.len);
+            }
             Op::Read { range, data } if !slot.failed => {
-                let buf = slot.buf.as_mut().expect("reads have a buffer");
+                let buf = slot.buf.as_mut().expect("bounced reads have a buffer");
                 let len = range.len as usize;
                 if let Some(x) = self.xts.as_mut() {
                     if x.decrypt(range.offset / SECTOR as u64, &mut buf.as_mut_slice()[..len])
@@ -496,6 +615,7 @@ impl Drop for Engine {
                     // freed memory.
                     for slot in self.slots.iter_mut().flatten() {
                         std::mem::forget(slot.buf.take());
+                        std::mem::forget(slot.direct.take());
                     }
                     return;
                 }

@@ -4,6 +4,7 @@
 //! - [`engine`]: executes requests for one worker thread: throttling, XTS, io_uring.
 
 pub mod device;
+pub mod direct;
 pub mod engine;
 mod pool;
 pub mod request;

@@ -92,8 +92,9 @@ struct Worker {
     timer: TimerFd,
     /// The queue this worker serves, kept so that stop_vring can complete requests.
     vring: Option<Vring>,
-    /// Whether the timer is armed, so that an idle worker makes no timerfd syscalls.
-    timer_armed: bool,
+    /// When the armed timer is due (device clock, ns), so that an idle worker makes no
+    /// timerfd syscalls and a late wake-up can be measured.
+    timer_due: Option<u64>,
     /// The inflight region this queue has recovered from and now records into.
     region: Option<Arc<inflight::Region>>,
     /// Submission counter for the inflight region (orders resubmission).
@@ -144,7 +145,7 @@ impl BlkBackend {
                     uring_evt,
                     timer,
                     vring: None,
-                    timer_armed: false,
+                    timer_due: None,
                     region: None,
                     counter: 1,
                     resubmitted: 0,
@@ -310,17 +311,22 @@ impl BlkBackend {
         w.engine.submit()?;
         publish(vring, &done, w.region.as_deref().and_then(|r| r.queue(q)))?;
         match w.engine.next_wakeup() {
-            // The timer wakes the worker when the throttle's head request becomes admissible;
-            // zero would disarm the timerfd, so wait at least a microsecond.
+            // The timer (an hrtimer, no slack) wakes the worker at the exact nanosecond the
+            // throttle's head request becomes admissible; zero would disarm the timerfd, so
+            // wait at least a microsecond. Re-arming for the same instant is skipped.
             Some(ns) => {
-                w.timer
-                    .reset(Duration::from_nanos(ns.max(1_000)), None)
-                    .map_err(io::Error::other)?;
-                w.timer_armed = true;
+                let ns = ns.max(1_000);
+                let due = self.dev.now_ns() + ns;
+                if w.timer_due.is_none_or(|d| d.abs_diff(due) > 1_000) {
+                    w.timer
+                        .reset(Duration::from_nanos(ns), None)
+                        .map_err(io::Error::other)?;
+                    w.timer_due = Some(due);
+                }
             }
-            None if w.timer_armed => {
+            None if w.timer_due.is_some() => {
                 w.timer.clear().map_err(io::Error::other)?;
-                w.timer_armed = false;
+                w.timer_due = None;
             }
             None => {}
         }
@@ -460,7 +466,7 @@ impl VhostUserBackend for BlkBackend {
             publish(&vring, &done, w.region.as_deref().and_then(|r| r.queue(q)))?;
         }
         w.timer.clear().map_err(io::Error::other)?;
-        w.timer_armed = false;
+        w.timer_due = None;
         Ok(())
     }
 
@@ -477,7 +483,9 @@ impl VhostUserBackend for BlkBackend {
         let Some(mem) = self.memory() else {
             return Ok(());
         };
-        let mem = mem.memory();
+        // An owned reference, lent to the engine so that plain volumes' I/O can go straight
+        // to and from guest memory while keeping the mapping alive.
+        let mem = mem.memory().into_inner();
         // `vrings` holds only this thread's queues (one: queue `thread_id`), and queue events
         // carry the index within it.
         let Some(vring) = vrings.first() else {
@@ -487,6 +495,7 @@ impl VhostUserBackend for BlkBackend {
         if w.vring.is_none() {
             w.vring = Some(vring.clone());
         }
+        w.engine.use_guest_memory(&mem);
         match device_event {
             0 => {
                 self.recover(thread_id, &mut w, vring, &mem);
@@ -498,6 +507,13 @@ impl VhostUserBackend for BlkBackend {
             }
             e if e == self.timer_event() => {
                 let _ = w.timer.wait();
+                if let Some(due) = w.timer_due.take() {
+                    let late = self.dev.now_ns().saturating_sub(due);
+                    self.dev
+                        .counters
+                        .wake_late_max_ns
+                        .fetch_max(late, Ordering::Relaxed);
+                }
             }
             _ => return Ok(()),
         }
