@@ -126,6 +126,13 @@ pub enum BenchCmd {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// Measurements per side and row (interleaved card/qsd; medians are reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Serve loop devices over /dev/shm files (a device faster than either backend, as
+        /// NVMe is) instead of files under --dir. Needs root.
+        #[arg(long)]
+        ram: bool,
     },
 }
 

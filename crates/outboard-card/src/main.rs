@@ -16,7 +16,7 @@
 //! outboard-card bench xts [--bytes N]
 //! outboard-card bench load --socket S [--queues N --depth N --bs 4K --read-pct P --sequential
 //!                          --seconds S --verify]
-//! outboard-card bench storage [--dir D] [--seconds S]
+//! outboard-card bench storage [--dir D] [--seconds S] [--repeats N] [--ram]
 //! outboard-card net --tap T --vni N --mac M --ip A --path ADDR:PORT… --remote MAC=IP@HOST…
 //! ```
 
@@ -104,9 +104,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Storage { dir, seconds }) => {
-            bench::storage(&bench::Options { dir, seconds })
-        }
+        Cmd::Bench(BenchCmd::Storage {
+            dir,
+            seconds,
+            repeats,
+            ram,
+        }) => bench::storage(&bench::Options {
+            dir,
+            seconds,
+            repeats,
+            ram,
+        }),
         Cmd::Net(args) => net::run(args),
     }
 }
@@ -234,7 +242,16 @@ fn attach(
     drop(store);
     let backing = Arc::new(Backing::open(backing)?);
     let dev = Arc::new(VolumeDevice::new(volume, backing, key, limits)?);
-    outboard_card_storage::vhost::serve(dev, socket, queues, once)?;
+    outboard_card_storage::vhost::serve(dev.clone(), socket, queues, once)?;
+    let c = dev.counters.snapshot();
+    log::info!(
+        "Volume {name}: read_ops={} write_ops={} zero_copy={} errors={} throttled_ms={}",
+        c.read_ops,
+        c.write_ops,
+        c.zero_copy,
+        c.errors,
+        c.throttled_ns / 1_000_000
+    );
     Ok(())
 }
 

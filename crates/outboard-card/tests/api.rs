@@ -177,6 +177,10 @@ fn volumes_attach_qos_stats_detach() {
         r.ops() + slow.ops()
     );
     assert!(stats["throttled_ns"].as_u64().unwrap() > 0);
+    // Encrypted: nothing goes straight to guest memory. Throttle wake-ups are measured.
+    assert_eq!(stats["zero_copy"].as_u64(), Some(0));
+    assert!(stats["wake_late_max_ns"].as_u64().is_some());
+    assert!(stats["queue_depth"].as_u64().is_some());
     // A write-only limit leaves reads alone.
     assert_eq!(
         call(

@@ -113,40 +113,39 @@ fn wait_exit(mut child: Child, limit: Duration) -> (bool, String) {
 
 /// QEMU (TCG) booting the Linux guest with `outboard.run={run} {extra}` on the vhost-user-blk
 /// socket `sock`; with `reconnect`, QEMU reconnects to a card that went away (once a second).
+/// A guest reboot ends QEMU.
 fn qemu(sock: &Path, run: &str, extra: &str, reconnect: bool) -> Command {
+    let mut cmd = qemu_machine(sock, run, extra, reconnect);
+    cmd.arg("-no-reboot");
+    cmd
+}
+
+/// [`qemu`] where a guest reboot resets the machine (and the vhost-user device) instead.
+fn qemu_machine(sock: &Path, run: &str, extra: &str, reconnect: bool) -> Command {
     let g = guest_dir();
     let reconnect = if reconnect { ",reconnect=1" } else { "" };
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-M",
-        "q35",
-        "-m",
-        "512",
-        "-nographic",
-        "-no-reboot",
-    ])
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-numa",
-        "node,memdev=mem",
-    ])
-    .args([
-        "-chardev",
-        &format!("socket,id=c0,path={}{reconnect}", sock.display()),
-    ])
-    .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
-    .arg("-kernel")
-    .arg(g.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(g.join("initramfs.img"))
-    .args([
-        "-append",
-        &format!("console=ttyS0 outboard.run={run} {extra}"),
-    ])
-    .stdin(Stdio::null());
+    cmd.args(["-accel", "tcg", "-M", "q35", "-m", "512", "-nographic"])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .args([
+            "-chardev",
+            &format!("socket,id=c0,path={}{reconnect}", sock.display()),
+        ])
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
+        .arg("-kernel")
+        .arg(g.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(g.join("initramfs.img"))
+        .args([
+            "-append",
+            &format!("console=ttyS0 outboard.run={run} {extra}"),
+        ])
+        .stdin(Stdio::null());
     cmd
 }
 
@@ -196,20 +195,34 @@ fn fio_run(
     extra: &[&str],
     fio: &str,
 ) -> String {
+    fio_run_with(store, volume, Some(key_path), sock, extra, fio).0
+}
+
+/// [`fio_run`] with an optional key (None: a plain volume); returns the fio result line and the
+/// card's log.
+fn fio_run_with(
+    store: &Path,
+    volume: &str,
+    key_path: Option<&Path>,
+    sock: &Path,
+    extra: &[&str],
+    fio: &str,
+) -> (String, String) {
+    let mut cmd = Command::new(CARD);
+    cmd.args([
+        "attach",
+        "--backing",
+        store.to_str().unwrap(),
+        "--volume",
+        volume,
+        "--socket",
+    ])
+    .arg(sock);
+    if let Some(k) = key_path {
+        cmd.arg("--key-file").arg(k);
+    }
     let mut attach = Reap(Some(
-        Command::new(CARD)
-            .args([
-                "attach",
-                "--backing",
-                store.to_str().unwrap(),
-                "--volume",
-                volume,
-                "--socket",
-            ])
-            .arg(sock)
-            .arg("--key-file")
-            .arg(key_path)
-            .args(["--queues", "2", "--once"])
+        cmd.args(["--queues", "2", "--once"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -231,7 +244,39 @@ fn fio_run(
         });
     assert!(result.contains("status=ok"), "{result}\n{console}");
     assert!(result.contains("errors=0"), "{result}");
-    result.to_owned()
+    (result.to_owned(), card_log)
+}
+
+/// A plain volume: the Linux guest's fio-verify passes with its reads and writes going straight
+/// between the store and guest memory (zero copy), and the store holds fio's blocks as written.
+#[test]
+fn fio_verify_on_a_plain_volume_goes_zero_copy() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("plain");
+    let (store, _, _) = setup(&dir);
+    let fio = "outboard.fio.size=16M outboard.fio.iodepth=16";
+    let (_, log) = fio_run_with(&store, "vm1", None, &dir.0.join("vm1.sock"), &[], fio);
+    let zero_copy: u64 = log
+        .split("zero_copy=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no zero_copy counter in the card log:\n{log}"));
+    // fio's 4096 writes and reads, plus the kernel's partition scan and the like.
+    assert!(
+        zero_copy >= 8192,
+        "only {zero_copy} zero-copy requests:\n{log}"
+    );
+    if let Some(line) = log.lines().find(|l| l.contains("zero_copy=")) {
+        eprintln!("{line}");
+    }
+    let vs = VolumeStore::open(&store).unwrap();
+    let e = vs.table().volume("vm1").unwrap().extents[0];
+    let raw = std::fs::read(&store).unwrap();
+    let found = fio_blocks(&raw[e.physical as usize..(e.physical + (16 << 20)) as usize]);
+    assert!(found > 4000, "only {found} fio blocks in the store");
 }
 
 #[test]
@@ -522,4 +567,106 @@ fn card_killed_mid_fio_loses_nothing() {
          {result}, {:.1} s",
         t.elapsed().as_secs_f64()
     );
+}
+
+/// One QEMU run of the `reboot-persist` guest script against a fresh `attach --once` of the
+/// encrypted volume vm1 (QEMU resets on a guest reboot, or exits with `no_reboot`); returns
+/// the console and the card's log.
+fn persist_boot(store: &Path, key_path: &Path, sock: &Path, no_reboot: bool) -> (String, String) {
+    let mut attach = Reap(Some(
+        Command::new(CARD)
+            .args(["attach", "--backing", store.to_str().unwrap()])
+            .args(["--volume", "vm1", "--socket"])
+            .arg(sock)
+            .arg("--key-file")
+            .arg(key_path)
+            .args(["--queues", "2", "--once"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for(sock);
+    let mut cmd = qemu_machine(sock, "reboot-persist", "outboard.persist.size=16M", false);
+    if no_reboot {
+        cmd.arg("-no-reboot");
+    }
+    let guest = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (_, console) = wait_exit(guest, Duration::from_secs(600));
+    let (ok, card_log) = wait_exit(
+        attach.0.take().expect("card process"),
+        Duration::from_secs(30),
+    );
+    assert!(ok, "card failed: {card_log}");
+    (console, card_log)
+}
+
+fn console_line(console: &str, card_log: &str, tag: &str) -> String {
+    console
+        .lines()
+        .find(|l| l.starts_with(tag))
+        .unwrap_or_else(|| panic!("no {tag}; console:\n{console}\ncard:\n{card_log}"))
+        .to_owned()
+}
+
+/// A Linux guest writes a fio pattern to its encrypted volume and reboots (QEMU resets the
+/// machine and the vhost-user device; the card stays up); after the reboot it reads it all back
+/// intact. Then a new QEMU and a new card process verify it again, and after one block of the
+/// store is damaged the same check fails (so the check can fail).
+#[test]
+fn data_survives_a_guest_reboot() {
+    if !prerequisites() {
+        return;
+    }
+    let dir = TempDir::new("reboot");
+    let (store, key_path, _) = setup(&dir);
+    let sock = dir.0.join("vm1.sock");
+    let (console, card_log) = persist_boot(&store, &key_path, &sock, false);
+    let written = console_line(&console, &card_log, "OUTBOARD_PERSIST_WRITTEN");
+    assert!(written.contains("status=ok"), "{written}\n{console}");
+    assert!(written.contains("write_kib=16384"), "{written}");
+    // Two boots: the guest really rebooted in between.
+    let boots = console
+        .lines()
+        .filter(|l| l.starts_with("OUTBOARD_GUEST_READY"))
+        .count();
+    assert_eq!(boots, 2, "{console}");
+    let result = console_line(&console, &card_log, "OUTBOARD_PERSIST_RESULT");
+    assert!(result.contains("status=ok"), "{result}\n{console}");
+    assert!(result.contains("errors=0"), "{result}");
+    assert!(result.contains("read_kib=16384"), "{result}");
+    eprintln!("{written}\n{result}");
+
+    // A cold start of both QEMU and the card sees the same data.
+    let (console, card_log) = persist_boot(&store, &key_path, &sock, true);
+    let again = console_line(&console, &card_log, "OUTBOARD_PERSIST_RESULT");
+    assert!(again.contains("status=ok"), "{again}\n{console}");
+    assert!(!console.contains("OUTBOARD_PERSIST_WRITTEN"), "{console}");
+
+    // Damage one 4 KiB block of the pattern in the store: the verification must notice.
+    let vm1 = VolumeStore::open(&store)
+        .unwrap()
+        .table()
+        .volume("vm1")
+        .unwrap()
+        .clone();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &f,
+        &[0x5a; 4096],
+        vm1.extents[0].physical + (1 << 20),
+    )
+    .unwrap();
+    f.sync_all().unwrap();
+    let (console, card_log) = persist_boot(&store, &key_path, &sock, true);
+    let damaged = console_line(&console, &card_log, "OUTBOARD_PERSIST_RESULT");
+    assert!(damaged.contains("status=fail"), "{damaged}\n{console}");
+    eprintln!("after damage: {damaged}");
 }

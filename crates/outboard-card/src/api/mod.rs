@@ -332,6 +332,7 @@ impl Card {
                 "read_bytes": c.read_bytes, "write_bytes": c.write_bytes,
                 "flushes": c.flushes, "discards": c.discards, "write_zeroes": c.write_zeroes,
                 "errors": c.errors, "throttled_ns": c.throttled_ns, "queue_depth": c.queue_depth,
+                "zero_copy": c.zero_copy, "wake_late_max_ns": c.wake_late_max_ns,
             }),
         ))
     }
