@@ -19,7 +19,8 @@
 //! A fifth row (`128m_1c_blk`) moves a VM with a vhost-user disk served by qemu-storage-daemon
 //! while the guest's `live-mix` writes and verifies blocks: the pause then includes stopping
 //! the rings (GET_VRING_BASE after in-flight requests complete) and restarting them in the
-//! successor. It has no snapshot figures: snapshots of VMs with virtio devices aren't supported.
+//! successor. It has no snapshot figures: qemu-storage-daemon serves one client at a time, and
+//! this bench restores while the snapshotted VMM still holds its connection.
 //!
 //! The host is PVM on 2 shared cores: guest execution is emulated, VMM-side costs are real.
 
