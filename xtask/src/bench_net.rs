@@ -1,16 +1,33 @@
-//! `cargo xtask bench net [--seconds S] [--repeats N] [--rate R] [--scenarios clean,congested]`:
-//! the card's overlay against the kernel's own tunnel, in the same run and the same namespaces.
+//! `cargo xtask bench net [--seconds S] [--rr-seconds S] [--repeats N] [--rate R]
+//! [--scenarios clean,congested,lossy,cut] [--policies hash,spray,adaptive,kernel]`: the card's
+//! overlay against the kernel's own tunnel, in the same run and the same namespaces.
 //!
 //! Two hosts (netns) joined by two veth paths shaped to `--rate` each (tbf; default 1gbit), a
-//! "VM" namespace behind each `outboard-card net` TAP. Per policy (hash, spray, adaptive) one
-//! iperf3 TCP flow VM A → VM B; then one flow through the kernel tunnel between the hosts
-//! (Geneve if the kernel has it, else VXLAN: this machine's kernel has no Geneve). Medians of
-//! `--repeats` runs. Last line: `RESULT net …`.
+//! "VM" namespace behind each `outboard-card net` TAP. Per scenario and per policy (hash,
+//! spray, adaptive; cards restarted for each cell) one TCP stream VM A → VM B (goodput) and
+//! then 64-byte TCP request/response (p50/p99); then the same through the kernel tunnel
+//! between the hosts (Geneve if the kernel has it, else VXLAN: this machine's kernel has no
+//! Geneve module). Medians of `--repeats` runs. Last line: `RESULT net …`.
 //!
-//! Scenarios: `clean`, and `congested` (path 1 flooded by an iperf3 UDP flow at 90% of
-//! `--rate` for the whole measurement; the kernel tunnel rides path 1 too). Lossy and cut paths
-//! and request/response latency are the next scenarios (issue 7).
+//! Scenarios, all on path 1 (the one the kernel tunnel takes):
+//! - `clean`;
+//! - `congested`: path 1 flooded by UDP cross-traffic at 90% of `--rate` (iperf3);
+//! - `lossy`: 5% of the tunnel's datagrams leaving on path 1 dropped at random (nft
+//!   `numgen`; a UDP GSO train is one packet to netfilter, so a drop takes a whole train);
+//! - `cut`: path 1's far end set down a third of the way into each measurement;
+//!   `cut_*_recovery_ms` is how long after the cut the stream first carries 75% of one
+//!   path's rate again over 10 ms (-1: never); `cut_*_rr_max_us` the longest request/response
+//!   across the cut (TCP's own retransmission timeout included).
+//!
+//! Ratios: `*_vs_kernel` (goodput over the kernel tunnel's in the same scenario) and
+//! `congested_*_free_share` (goodput over the capacity the flood leaves: 2 × rate − 90%).
+//! The traffic is our own (`traffic`: a TCP stream with a 1 ms arrival timeline, 64-byte TCP
+//! ping-pong), run from threads inside the namespaces. `OUTBOARD_BENCH_NET_STATS=FILE` makes
+//! the cards append their counters (per path: bytes, RTT, losses, CE, weight) to FILE each
+//! second.
 
+use std::io::Write;
+use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::Duration;
@@ -18,6 +35,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::util;
+
+mod traffic;
 
 const HA: &str = "obbench-ha";
 const HB: &str = "obbench-hb";
@@ -141,6 +160,8 @@ fn card(bin: &str, host: &str, me: u8, peer: u8, policy: &str) -> Result<Child> 
         format!("192.168.77.{me}"),
         "--policy".into(),
         policy.into(),
+        "--host".into(),
+        format!("10.9.0.{me}"),
     ]);
     for i in 1..=2 {
         args.extend(["--path".into(), format!("10.{i}.0.{me}:{}", 40000 + i)]);
@@ -149,9 +170,22 @@ fn card(bin: &str, host: &str, me: u8, peer: u8, policy: &str) -> Result<Child> 
         "--remote".into(),
         format!("{}=192.168.77.{peer}@10.9.0.{peer}", mac(peer)),
     ]);
+    // OUTBOARD_BENCH_NET_STATS=FILE: the cards append their counters there every second.
+    let stdout = match std::env::var_os("OUTBOARD_BENCH_NET_STATS") {
+        Some(path) => {
+            args.extend(["--stats-secs".into(), "1".into()]);
+            Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )
+        }
+        None => Stdio::null(),
+    };
     Command::new("ip")
         .args(&args)
-        .stdout(Stdio::null())
+        .stdout(stdout)
         .spawn()
         .context("Cannot start outboard-card net")
 }
@@ -172,50 +206,8 @@ fn attach_tap(host: &str, vm: &str, me: u8) -> Result<()> {
     bail!("outboard-card net did not create its TAP in {host}")
 }
 
-/// One iperf3 TCP flow from namespace `client` to `server_ip` (served in `server`); Mbit/s.
-fn iperf(client: &str, server: &str, server_ip: &str, seconds: u32) -> Result<f64> {
-    let srv = Command::new("ip")
-        .args([
-            "netns", "exec", server, "iperf3", "-s", "-1", "-B", server_ip,
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("Cannot start iperf3 -s")?;
-    let _reaper = Reaper(vec![srv]);
-    sleep(Duration::from_millis(300));
-    let out = sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            client,
-            "iperf3",
-            "-c",
-            server_ip,
-            "-t",
-            &seconds.to_string(),
-            "-J",
-        ],
-    )?;
-    // "sum_received": { ... "bits_per_second": N ... }
-    let at = out
-        .find("\"sum_received\"")
-        .context("iperf3 output without sum_received")?;
-    let rest = &out[at..];
-    let b = rest
-        .find("\"bits_per_second\":")
-        .context("iperf3 output without bits_per_second")?;
-    let num: String = rest[b + 18..]
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '+')
-        .collect();
-    Ok(num.parse::<f64>().context("Bad iperf3 bits_per_second")? / 1e6)
-}
-
-/// UDP cross-traffic on path 1 (10.1.0.1 → 10.1.0.2) for `seconds`, at `mbps`.
-fn flood(seconds: u32, mbps: u32) -> Result<Reaper> {
+/// UDP cross-traffic on path 1 (10.1.0.1 → 10.1.0.2) at `mbps` until dropped.
+fn flood(mbps: u32) -> Result<Reaper> {
     let srv = Command::new("ip")
         .args([
             "netns", "exec", HB, "iperf3", "-s", "-1", "-p", "5202", "-B", "10.1.0.2",
@@ -230,14 +222,7 @@ fn flood(seconds: u32, mbps: u32) -> Result<Reaper> {
         .args([
             "netns", "exec", HA, "iperf3", "-u", "-c", "10.1.0.2", "-B", "10.1.0.1", "-p", "5202",
         ])
-        .args([
-            "-b",
-            &format!("{mbps}M"),
-            "-l",
-            "1400",
-            "-t",
-            &(seconds + 2).to_string(),
-        ])
+        .args(["-b", &format!("{mbps}M"), "-l", "1400", "-t", "600"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -264,21 +249,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn overlay_run(bin: &str, policy: &str, seconds: u32, flood_mbps: Option<u32>) -> Result<f64> {
-    let _ = ip(&format!("-n {VA} link del obtap"));
-    let _ = ip(&format!("-n {VB} link del obtap"));
-    let cards = Reaper(vec![
-        card(bin, HA, 1, 2, policy)?,
-        card(bin, HB, 2, 1, policy)?,
-    ]);
-    attach_tap(HA, VA, 1)?;
-    attach_tap(HB, VB, 2)?;
-    let _flood = flood_mbps.map(|m| flood(seconds, m)).transpose()?;
-    let mbps = iperf(VA, VB, "192.168.77.2", seconds)?;
-    drop(cards);
-    Ok(mbps)
-}
-
 /// The kernel's tunnel between the hosts' loopback addresses (path 1, as plain ECMP-less
 /// Geneve/VXLAN would go); returns its kind.
 fn kernel_tunnel() -> Result<&'static str> {
@@ -302,6 +272,146 @@ fn kernel_tunnel() -> Result<&'static str> {
     })
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Clean,
+    Congested,
+    Lossy,
+    Cut,
+}
+
+impl Scenario {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "clean" => Self::Clean,
+            "congested" => Self::Congested,
+            "lossy" => Self::Lossy,
+            "cut" => Self::Cut,
+            other => bail!("Unknown scenario {other:?} (clean, congested, lossy, cut)"),
+        })
+    }
+}
+
+/// Drops 5% of tunnel datagrams leaving host A on path 1, until dropped.
+struct Lossy;
+
+impl Lossy {
+    fn add() -> Result<Self> {
+        let rules = "table ip obloss {\n chain post {\n  type filter hook postrouting priority 0;\n  \
+                     oifname \"a1\" udp dport { 6081, 4789 } numgen random mod 100 < 5 drop\n }\n}\n";
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", HA, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("Cannot run nft (apt-get install -y nftables)")?;
+        nft.stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(rules.as_bytes())?;
+        if !nft.wait()?.success() {
+            bail!("nft rejected the loss rule");
+        }
+        Ok(Self)
+    }
+}
+
+impl Drop for Lossy {
+    fn drop(&mut self) {
+        let _ = sh(
+            "ip",
+            &[
+                "netns", "exec", HA, "nft", "delete", "table", "ip", "obloss",
+            ],
+        );
+    }
+}
+
+/// Cuts path 1 at host B's end.
+fn cut_path1() -> Result<()> {
+    ip(&format!("-n {HB} link set b1 down")).map(drop)
+}
+
+/// Brings path 1 back: setting a link down drops the routes through it.
+fn restore_path1() -> Result<()> {
+    ip(&format!("-n {HB} link set b1 up"))?;
+    let _ = ip(&format!("-n {HB} route replace 10.9.0.1/32 via 10.1.0.1"));
+    let _ = ip(&format!(
+        "-n {HB} route replace 10.9.0.1/32 via 10.1.0.1 table 101"
+    ));
+    sleep(Duration::from_millis(300));
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cell {
+    mbps: f64,
+    recovery_ms: Option<f64>,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+}
+
+struct Opts {
+    bin: String,
+    seconds: f64,
+    rr_seconds: f64,
+    rate_mbps: f64,
+    flood_mbps: u32,
+}
+
+/// One measurement of `tunnel` (a policy, or "kernel") in `scenario`.
+fn cell(o: &Opts, scenario: Scenario, tunnel: &str) -> Result<Cell> {
+    let _cards = if tunnel == "kernel" {
+        None
+    } else {
+        let _ = ip(&format!("-n {VA} link del obtap"));
+        let _ = ip(&format!("-n {VB} link del obtap"));
+        let cards = Reaper(vec![
+            card(&o.bin, HA, 1, 2, tunnel)?,
+            card(&o.bin, HB, 2, 1, tunnel)?,
+        ]);
+        attach_tap(HA, VA, 1)?;
+        attach_tap(HB, VB, 2)?;
+        Some(cards)
+    };
+    let (client, server, server_ip) = if tunnel == "kernel" {
+        (HA, HB, Ipv4Addr::new(192, 168, 78, 2))
+    } else {
+        (VA, VB, Ipv4Addr::new(192, 168, 77, 2))
+    };
+    let _flood = (scenario == Scenario::Congested)
+        .then(|| flood(o.flood_mbps))
+        .transpose()?;
+    let _loss = (scenario == Scenario::Lossy).then(Lossy::add).transpose()?;
+    // Let ARP and the path state settle (probes, first RTTs).
+    sleep(Duration::from_millis(300));
+    let cut = |secs: f64| (scenario == Scenario::Cut).then_some((secs / 3.0, &cut_path1 as _));
+    let s = traffic::stream(
+        client,
+        server,
+        server_ip,
+        o.seconds,
+        cut(o.seconds),
+        o.rate_mbps,
+    );
+    if scenario == Scenario::Cut {
+        restore_path1()?;
+    }
+    let s = s?;
+    let r = traffic::rr(client, server, server_ip, o.rr_seconds, cut(o.rr_seconds));
+    if scenario == Scenario::Cut {
+        restore_path1()?;
+    }
+    let r = r?;
+    Ok(Cell {
+        mbps: s.mbps,
+        recovery_ms: s.recovery_ms,
+        p50_us: r.p50_us,
+        p99_us: r.p99_us,
+        max_us: r.max_us,
+    })
+}
+
 pub fn run(args: &[&str]) -> Result<()> {
     let opt = |name: &str, default: &str| -> String {
         args.iter()
@@ -309,9 +419,17 @@ pub fn run(args: &[&str]) -> Result<()> {
             .and_then(|i| args.get(i + 1))
             .map_or(default.to_string(), |s| s.to_string())
     };
-    let seconds: u32 = opt("--seconds", "5").parse().context("Bad --seconds")?;
-    let repeats: usize = opt("--repeats", "3").parse().context("Bad --repeats")?;
+    let seconds: f64 = opt("--seconds", "4").parse().context("Bad --seconds")?;
+    let rr_seconds: f64 = opt("--rr-seconds", "2")
+        .parse()
+        .context("Bad --rr-seconds")?;
+    let repeats: usize = opt("--repeats", "1").parse().context("Bad --repeats")?;
     let rate = opt("--rate", "1gbit");
+    let scenarios = opt("--scenarios", "clean,congested,lossy,cut")
+        .split(',')
+        .map(Scenario::parse)
+        .collect::<Result<Vec<_>>>()?;
+    let policies = opt("--policies", "hash,spray,adaptive,kernel");
     let euid = std::fs::read_to_string("/proc/self/status")?
         .lines()
         .find(|l| l.starts_with("Uid:"))
@@ -320,52 +438,82 @@ pub fn run(args: &[&str]) -> Result<()> {
         bail!("bench net needs root (network namespaces)");
     }
     if sh("iperf3", &["--version"]).is_err() {
-        bail!("bench net needs iperf3 (apt-get install -y iperf3)");
+        bail!("bench net needs iperf3 for cross-traffic (apt-get install -y iperf3)");
+    }
+    if scenarios.contains(&Scenario::Lossy) && sh("nft", &["--version"]).is_err() {
+        bail!("the lossy scenario needs nft (apt-get install -y nftables)");
     }
     util::cargo(&["build", "--release", "-p", "outboard-card"])?;
     let bin = util::cargo_target_dir().join("release/outboard-card");
-    let bin = bin.to_str().context("Non-UTF-8 target dir")?.to_owned();
-
-    let scenarios = opt("--scenarios", "clean,congested");
-    let flood_mbps = rate_mbps(&rate)? * 9 / 10;
+    let o = Opts {
+        bin: bin.to_str().context("Non-UTF-8 target dir")?.to_owned(),
+        seconds,
+        rr_seconds,
+        rate_mbps: f64::from(rate_mbps(&rate)?),
+        flood_mbps: rate_mbps(&rate)? * 9 / 10,
+    };
 
     let _topology = topology(&rate)?;
-    let mut line = format!("RESULT net rate={rate} seconds={seconds} repeats={repeats}");
-    let mut kind = "";
-    for scenario in scenarios.split(',') {
-        let flood = match scenario {
-            "clean" => None,
-            "congested" => Some(flood_mbps),
-            other => bail!("Unknown scenario {other:?} (clean, congested)"),
-        };
-        let mut results = Vec::new();
-        for policy in ["hash", "spray", "adaptive"] {
+    let kind = kernel_tunnel()?;
+    let mut line = format!(
+        "RESULT net rate={rate} seconds={seconds} rr_seconds={rr_seconds} repeats={repeats} kernel={kind}"
+    );
+    for &scenario in &scenarios {
+        let name = format!("{scenario:?}").to_lowercase();
+        let mut cells = Vec::new();
+        for tunnel in policies.split(',') {
             let runs = (0..repeats)
-                .map(|_| overlay_run(&bin, policy, seconds, flood))
+                .map(|_| cell(&o, scenario, tunnel))
                 .collect::<Result<Vec<_>>>()?;
-            println!("{scenario} {policy}: {runs:.0?} Mbit/s");
-            results.push((policy, median(runs)));
+            let m = |f: fn(&Cell) -> f64| median(runs.iter().map(f).collect());
+            let c = Cell {
+                mbps: m(|c| c.mbps),
+                recovery_ms: Some(m(|c| c.recovery_ms.unwrap_or(-1.0))),
+                p50_us: m(|c| c.p50_us),
+                p99_us: m(|c| c.p99_us),
+                max_us: m(|c| c.max_us),
+            };
+            println!(
+                "{name} {tunnel}: goodput {:.0?} Mbit/s, rr p50 {:.0?} µs, p99 {:.0?} µs{}",
+                runs.iter().map(|c| c.mbps).collect::<Vec<_>>(),
+                runs.iter().map(|c| c.p50_us).collect::<Vec<_>>(),
+                runs.iter().map(|c| c.p99_us).collect::<Vec<_>>(),
+                if scenario == Scenario::Cut {
+                    format!(
+                        ", recovery {:?} ms",
+                        runs.iter().map(|c| c.recovery_ms).collect::<Vec<_>>()
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            line += &format!(
+                " {name}_{tunnel}_mbps={:.0} {name}_{tunnel}_rr_p50_us={:.0} {name}_{tunnel}_rr_p99_us={:.0}",
+                c.mbps, c.p50_us, c.p99_us
+            );
+            if scenario == Scenario::Cut {
+                line += &format!(
+                    " {name}_{tunnel}_recovery_ms={:.0} {name}_{tunnel}_rr_max_us={:.0}",
+                    c.recovery_ms.unwrap_or(-1.0),
+                    c.max_us
+                );
+            }
+            cells.push((tunnel, c));
         }
-        if kind.is_empty() {
-            kind = kernel_tunnel()?;
+        let kernel = cells.iter().find(|(t, _)| *t == "kernel").map(|(_, c)| *c);
+        for (tunnel, c) in &cells {
+            if let (Some(k), true) = (kernel, *tunnel != "kernel") {
+                line += &format!(" {name}_{tunnel}_vs_kernel={:.2}", c.mbps / k.mbps.max(1.0));
+            }
         }
-        let runs = (0..repeats)
-            .map(|_| {
-                let _flood = flood.map(|m| self::flood(seconds, m)).transpose()?;
-                iperf(HA, HB, "192.168.78.2", seconds)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        println!("{scenario} kernel {kind}: {runs:.0?} Mbit/s");
-        let kernel = median(runs);
-        for (policy, mbps) in &results {
-            line += &format!(" {scenario}_{policy}_mbps={mbps:.0}");
-        }
-        line += &format!(" {scenario}_kernel_mbps={kernel:.0}");
-        for (policy, mbps) in &results {
-            line += &format!(" {scenario}_{policy}_vs_kernel={:.2}", mbps / kernel);
+        if scenario == Scenario::Congested {
+            // Free capacity: the clean path and what the flood leaves of path 1.
+            let free = 2.0 * o.rate_mbps - f64::from(o.flood_mbps);
+            for (tunnel, c) in &cells {
+                line += &format!(" congested_{tunnel}_free_share={:.2}", c.mbps / free);
+            }
         }
     }
-    line += &format!(" kernel={kind}");
     println!("{line}");
     Ok(())
 }

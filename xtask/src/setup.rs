@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("/usr/bin/ping", "iputils-ping"),
     ("/usr/bin/iperf3", "iperf3"),
     ("/usr/bin/tshark", "tshark"),
+    // Random drop and ECN marking on one path (the lossy-path and ECN tests, bench net).
+    ("/usr/sbin/nft", "nftables"),
 ];
 
 /// Debian packages the tiny kernel (`cargo xtask guest --tiny-kernel`) needs: its source and

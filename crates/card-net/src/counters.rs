@@ -78,11 +78,17 @@ pub struct PathCounters {
     pub rx_packets: AtomicU64,
     pub rx_bytes: AtomicU64,
     pub probes: AtomicU64,
+    /// Loss events the sender's policy counted on this path (unanswered probes, losses
+    /// echoed by the peer).
     pub losses: AtomicU64,
+    /// Datagrams the peer sent on this path that never arrived (path sequence gaps).
+    pub rx_lost: AtomicU64,
     /// Packets received on this path with CE on their outer header.
     pub ecn_ce: AtomicU64,
     /// Echoes telling us the peer received one of our packets on this path with CE.
     pub ecn_ce_echoed: AtomicU64,
+    /// `adaptive`'s current weight of the path ×1000 (its lowest over peers; 1000 otherwise).
+    pub weight_milli: AtomicU64,
     pub rtt_us: Histogram,
 }
 
@@ -108,6 +114,14 @@ pub struct NicCounters {
     pub reorder_late: AtomicU64,
     pub reorder_max_depth: AtomicU64,
     pub reorder_depth: Histogram,
+    /// Frames rebuilt from several datagrams.
+    pub frames_reassembled: AtomicU64,
+    /// Frames lost because one of their datagrams was (or came too late).
+    pub frames_incomplete: AtomicU64,
+    /// Continuation datagrams whose frame start was lost.
+    pub frag_orphans: AtomicU64,
+    /// 1 while UDP GSO sends work (0 after falling back to single datagrams).
+    pub gso: AtomicU64,
     pub paths: Vec<PathCounters>,
 }
 
@@ -154,6 +168,10 @@ impl NicCounters {
             reorder_late: l(&self.reorder_late),
             reorder_max_depth: l(&self.reorder_max_depth),
             reorder_depth_p99: self.reorder_depth.quantile(0.99),
+            frames_reassembled: l(&self.frames_reassembled),
+            frames_incomplete: l(&self.frames_incomplete),
+            frag_orphans: l(&self.frag_orphans),
+            gso: l(&self.gso) != 0,
             paths: self
                 .paths
                 .iter()
@@ -164,11 +182,13 @@ impl NicCounters {
                     rx_bytes: l(&p.rx_bytes),
                     probes: l(&p.probes),
                     losses: l(&p.losses),
+                    rx_lost: l(&p.rx_lost),
                     ecn_ce: l(&p.ecn_ce),
                     ecn_ce_echoed: l(&p.ecn_ce_echoed),
                     rtt_samples: p.rtt_us.count(),
                     rtt_p50_us: p.rtt_us.quantile(0.5),
                     rtt_p99_us: p.rtt_us.quantile(0.99),
+                    weight: l(&p.weight_milli) as f64 / 1000.0,
                 })
                 .collect(),
         }
@@ -176,7 +196,7 @@ impl NicCounters {
 }
 
 /// A point-in-time copy of [`PathCounters`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PathSnapshot {
     pub tx_packets: u64,
     pub tx_bytes: u64,
@@ -184,15 +204,17 @@ pub struct PathSnapshot {
     pub rx_bytes: u64,
     pub probes: u64,
     pub losses: u64,
+    pub rx_lost: u64,
     pub ecn_ce: u64,
     pub ecn_ce_echoed: u64,
     pub rtt_samples: u64,
     pub rtt_p50_us: u64,
     pub rtt_p99_us: u64,
+    pub weight: f64,
 }
 
 /// A point-in-time copy of [`NicCounters`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NicSnapshot {
     pub tx_packets: u64,
     pub tx_bytes: u64,
@@ -205,6 +227,10 @@ pub struct NicSnapshot {
     pub reorder_late: u64,
     pub reorder_max_depth: u64,
     pub reorder_depth_p99: u64,
+    pub frames_reassembled: u64,
+    pub frames_incomplete: u64,
+    pub frag_orphans: u64,
+    pub gso: bool,
     pub paths: Vec<PathSnapshot>,
 }
 
@@ -222,10 +248,17 @@ impl NicSnapshot {
             " reorder_timeouts={} reorder_overflows={} reorder_late={} reorder_max_depth={} reorder_depth_p99={}",
             self.reorder_timeouts, self.reorder_overflows, self.reorder_late, self.reorder_max_depth, self.reorder_depth_p99
         );
+        s += &format!(
+            " frames_reassembled={} frames_incomplete={} frag_orphans={} gso={}",
+            self.frames_reassembled,
+            self.frames_incomplete,
+            self.frag_orphans,
+            u8::from(self.gso)
+        );
         for (i, p) in self.paths.iter().enumerate() {
             s += &format!(
-                " path{i}_tx_packets={} path{i}_tx_bytes={} path{i}_rx_packets={} path{i}_rx_bytes={} path{i}_probes={} path{i}_losses={} path{i}_ecn_ce={} path{i}_ecn_ce_echoed={} path{i}_rtt_p50_us={} path{i}_rtt_p99_us={}",
-                p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.probes, p.losses, p.ecn_ce, p.ecn_ce_echoed, p.rtt_p50_us, p.rtt_p99_us
+                " path{i}_tx_packets={} path{i}_tx_bytes={} path{i}_rx_packets={} path{i}_rx_bytes={} path{i}_probes={} path{i}_losses={} path{i}_rx_lost={} path{i}_ecn_ce={} path{i}_ecn_ce_echoed={} path{i}_rtt_p50_us={} path{i}_rtt_p99_us={} path{i}_weight={:.3}",
+                p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.probes, p.losses, p.rx_lost, p.ecn_ce, p.ecn_ce_echoed, p.rtt_p50_us, p.rtt_p99_us, p.weight
             );
         }
         s

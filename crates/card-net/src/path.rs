@@ -24,7 +24,8 @@ use std::str::FromStr;
 pub enum Policy {
     /// One path per flow (flow hash), as plain VXLAN/Geneve: the baseline.
     Hash,
-    /// Per packet round robin over all paths, blind to their state.
+    /// Per packet round robin over all paths, blind to their state (trains of several
+    /// datagrams are charged for all of them, so every path carries the same share).
     Spray,
     /// Per packet, weighted by RTT, loss and ECN CE; dead paths get nothing.
     Adaptive,
@@ -65,9 +66,9 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Self {
-            probe_interval_us: 10_000,
-            dead_after_us: 50_000,
-            rtt_slack_us: 1000.0,
+            probe_interval_us: 5_000,
+            dead_after_us: 20_000,
+            rtt_slack_us: 200.0,
         }
     }
 }
@@ -91,7 +92,12 @@ pub struct PathState {
 }
 
 const EWMA: f64 = 0.125;
-const MIN_WEIGHT: f64 = 0.02;
+/// Smoothing of RTT samples: echoes come by the thousand per second under load, and a
+/// faster filter chases each path's own queue swings and flaps traffic between paths.
+const RTT_EWMA: f64 = 1.0 / 32.0;
+/// Floor of a live path's weight: a congested path keeps a trickle of traffic (and probes)
+/// so its recovery is seen, but too little to show in a latency-sensitive flow's p99.
+const MIN_WEIGHT: f64 = 0.002;
 
 /// The paths to one peer set and the policy choosing between them.
 #[derive(Debug, Clone)]
@@ -151,10 +157,18 @@ impl Paths {
 
     /// Picks the path of the next packet of the flow with hash `flow_hash`.
     pub fn choose(&mut self, flow_hash: u32) -> usize {
+        self.choose_batch(flow_hash, 1)
+    }
+
+    /// Picks the path of the next `units` datagrams of the flow, sent together (a UDP GSO
+    /// train): `adaptive` charges the path for all of them, so shares stay shares of
+    /// datagrams whatever the train lengths.
+    pub fn choose_batch(&mut self, flow_hash: u32, units: usize) -> usize {
         match self.policy {
             Policy::Hash => flow_hash as usize % self.paths.len(),
-            Policy::Spray => self.round_robin(),
-            Policy::Adaptive => self.weighted(),
+            Policy::Spray if units <= 1 => self.round_robin(),
+            Policy::Spray => self.equal(units as f64),
+            Policy::Adaptive => self.weighted(units.max(1) as f64),
         }
     }
 
@@ -178,21 +192,41 @@ impl Paths {
             .filter(|q| q.alive && q.srtt_us > 0.0)
             .map(|q| q.srtt_us)
             .fold(f64::INFINITY, f64::min);
-        // Queueing delay beyond the best path's, against a slack that absorbs host noise (on a
-        // loaded 2-vCPU host, echoes jitter by hundreds of µs with no queue at all).
+        // The best path's RTT over this one's, squared, each padded by a slack that absorbs
+        // host noise (on a loaded 2-vCPU host echoes jitter by hundreds of µs with no queue).
+        // Scale-free: a light flow (RTTs of ~100 µs) leaves a path with a standing queue of a
+        // few ms nearly alone, while under bulk load both paths queue, the ratio nears 1 and
+        // the shares even out instead of the traffic flapping from one path to the other.
         let slack = self.timing.rtt_slack_us;
         let rtt = if p.srtt_us > 0.0 && best.is_finite() {
-            slack / (slack + (p.srtt_us - best).max(0.0))
+            ((best + slack) / (p.srtt_us + slack)).min(1.0).powi(2)
         } else {
             1.0
         };
-        let w = rtt * (1.0 - p.ce).max(0.0) * (1.0 - 4.0 * p.loss).max(0.0);
-        w.max(MIN_WEIGHT)
+        // CE and loss count beyond the best path's too: marks and drops that every path shows
+        // (the flow's own queue overflowing on each) are no reason to move, and reacting to
+        // them would only flap the traffic between paths.
+        let alive = || self.paths.iter().filter(|q| q.alive);
+        let min_ce = alive().map(|q| q.ce).fold(f64::INFINITY, f64::min);
+        let min_loss = alive().map(|q| q.loss).fold(f64::INFINITY, f64::min);
+        let ce = (1.0 - (p.ce - min_ce).max(0.0)).max(0.0);
+        let loss = (1.0 - 8.0 * (p.loss - min_loss).max(0.0)).max(0.0);
+        (rtt * ce * ce * loss).max(MIN_WEIGHT)
+    }
+
+    /// Equal shares of datagrams, whatever the train lengths.
+    fn equal(&mut self, units: f64) -> usize {
+        let weights = vec![1.0; self.paths.len()];
+        self.smooth(&weights, units)
+    }
+
+    fn weighted(&mut self, units: f64) -> usize {
+        let weights: Vec<f64> = (0..self.paths.len()).map(|i| self.weight(i)).collect();
+        self.smooth(&weights, units)
     }
 
     /// Smooth weighted round robin: deterministic, and each path's share tracks its weight.
-    fn weighted(&mut self) -> usize {
-        let weights: Vec<f64> = (0..self.paths.len()).map(|i| self.weight(i)).collect();
+    fn smooth(&mut self, weights: &[f64], units: f64) -> usize {
         let total: f64 = weights.iter().sum();
         if total <= 0.0 {
             // Everything looks dead: keep trying all paths rather than black-holing.
@@ -203,7 +237,7 @@ impl Paths {
             if w <= 0.0 {
                 continue;
             }
-            self.paths[i].credit += w;
+            self.paths[i].credit += w * units;
             if best.is_none_or(|b| self.paths[i].credit > self.paths[b].credit) {
                 best = Some(i);
             }
@@ -211,7 +245,7 @@ impl Paths {
         let Some(best) = best else {
             return self.round_robin();
         };
-        self.paths[best].credit -= total;
+        self.paths[best].credit -= total * units;
         best
     }
 
@@ -224,7 +258,7 @@ impl Paths {
         p.srtt_us = if p.srtt_us == 0.0 {
             rtt
         } else {
-            p.srtt_us + EWMA * (rtt - p.srtt_us)
+            p.srtt_us + RTT_EWMA * (rtt - p.srtt_us)
         };
         p.ce += EWMA * (f64::from(u8::from(ce)) - p.ce);
         p.loss *= 1.0 - EWMA;
@@ -233,6 +267,14 @@ impl Paths {
         if !p.alive {
             p.alive = true;
             p.credit = 0.0;
+        }
+    }
+
+    /// An echo reported `n` datagrams lost on `path` (path sequence gaps at the peer).
+    pub fn on_reported_loss(&mut self, path: usize, n: u64) {
+        if let Some(p) = self.paths.get_mut(path) {
+            p.loss += EWMA * (1.0 - p.loss);
+            p.losses += n;
         }
     }
 
@@ -303,6 +345,18 @@ mod tests {
         let mut p = Paths::new(3, Policy::Spray, Timing::default(), 0).unwrap();
         let seq: Vec<usize> = (0..6).map(|_| p.choose(7)).collect();
         assert_eq!(seq, vec![0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn spray_shares_datagrams_not_trains() {
+        let mut p = Paths::new(2, Policy::Spray, Timing::default(), 0).unwrap();
+        let mut sent = [0usize; 2];
+        for _ in 0..100 {
+            // A long and a short train per frame: alternation alone would load one path.
+            sent[p.choose_batch(1, 44)] += 44;
+            sent[p.choose_batch(1, 2)] += 2;
+        }
+        assert!(sent[0].abs_diff(sent[1]) <= 88, "{sent:?}");
     }
 
     #[test]

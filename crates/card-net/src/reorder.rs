@@ -12,7 +12,13 @@
 //!  seq >= next+window, or buffer full ──► flush buffered in order, continue after seq
 //!  seq < next (late, after a skip) ──► deliver at once (TCP copes with it)
 //!  oldest buffered waited `timeout` ──► skip the gap (timeout counted)
+//!  every path delivered something sent after the first held one ──► skip the gap at once
 //! ```
+//!
+//! The last rule is the fast one: a path is FIFO, so once each path in use has delivered a
+//! datagram sent later than the first packet held after a gap, the gap's packets (sent
+//! before it) are lost, not late ([`Reorder::poll_with`] gets that horizon from the caller).
+//! The timeout, which must exceed the paths' delay skew, is only the fallback.
 
 use std::collections::HashMap;
 
@@ -30,11 +36,12 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        // A window of 2048 datagrams is ~2.9 MB: 10 ms of skew at 2 Gbit/s.
         Self {
-            window: 128,
-            max_flows: 1024,
-            max_buffered: 4096,
-            timeout_us: 2_000,
+            window: 2048,
+            max_flows: 256,
+            max_buffered: 16_384,
+            timeout_us: 10_000,
         }
     }
 }
@@ -42,7 +49,7 @@ impl Default for Limits {
 /// What happened, for the counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Gaps skipped after the timeout.
+    /// Gaps skipped: after the timeout, or once every path was past them.
     pub timeouts: u64,
     /// Flushes forced by a full window, buffer or flow table.
     pub overflows: u64,
@@ -56,9 +63,13 @@ pub struct Stats {
 #[derive(Debug)]
 struct Flow<T> {
     next: u32,
-    slots: Vec<Option<(T, u64)>>,
+    /// Held packets: (packet, arrival µs, sender's transmit timestamp).
+    slots: Vec<Option<(T, u64, Option<u32>)>>,
     held: usize,
     last_us: u64,
+    /// No held packet arrived before this (a lower bound, so `poll` scans the slots only
+    /// when a timeout may be due).
+    oldest_us: u64,
 }
 
 /// Per-flow reorder buffer over packets of type `T`.
@@ -90,6 +101,19 @@ impl<T> Reorder<T> {
 
     /// Accepts packet `seq` of `key`; in-order packets are appended to `out`.
     pub fn push(&mut self, key: FlowKey, seq: u32, pkt: T, now_us: u64, out: &mut Vec<T>) {
+        self.push_sent(key, seq, pkt, now_us, None, out);
+    }
+
+    /// [`Reorder::push`] of a packet the sender stamped `sent_ts` (µs, wrapping).
+    pub fn push_sent(
+        &mut self,
+        key: FlowKey,
+        seq: u32,
+        pkt: T,
+        now_us: u64,
+        sent_ts: Option<u32>,
+        out: &mut Vec<T>,
+    ) {
         if !self.flows.contains_key(&key) {
             if self.flows.len() >= self.limits.max_flows {
                 self.evict(out);
@@ -102,6 +126,7 @@ impl<T> Reorder<T> {
                     slots,
                     held: 0,
                     last_us: now_us,
+                    oldest_us: now_us,
                 },
             );
         }
@@ -132,7 +157,10 @@ impl<T> Reorder<T> {
             self.stats.duplicates += 1;
             return;
         }
-        *slot = Some((pkt, now_us));
+        *slot = Some((pkt, now_us, sent_ts));
+        if flow.held == 0 {
+            flow.oldest_us = now_us;
+        }
         flow.held += 1;
         self.buffered += 1;
         self.stats.max_depth = self.stats.max_depth.max(flow.held as u64);
@@ -140,12 +168,33 @@ impl<T> Reorder<T> {
 
     /// Skips gaps that waited longer than the timeout; returns when the next one expires.
     pub fn poll(&mut self, now_us: u64, out: &mut Vec<T>) -> Option<u64> {
+        self.poll_with(now_us, |_| None, out)
+    }
+
+    /// [`Reorder::poll`], also skipping a gap once `horizon(flow)` (the oldest, over the
+    /// sender's paths in use, of the newest transmit timestamp each delivered) is past the
+    /// first packet held after it.
+    pub fn poll_with(
+        &mut self,
+        now_us: u64,
+        horizon: impl Fn(FlowKey) -> Option<u32>,
+        out: &mut Vec<T>,
+    ) -> Option<u64> {
         let mut earliest: Option<u64> = None;
         let timeout = self.limits.timeout_us;
-        for flow in self.flows.values_mut() {
+        for (key, flow) in self.flows.iter_mut() {
             while flow.held > 0 {
+                let passed = horizon(*key).is_some_and(|h| {
+                    first_held_ts(flow).is_some_and(|t| (h.wrapping_sub(t) as i32) > 0)
+                });
+                if !passed && now_us.saturating_sub(flow.oldest_us) < timeout {
+                    let due = flow.oldest_us + timeout;
+                    earliest = Some(earliest.map_or(due, |e| e.min(due)));
+                    break;
+                }
                 let oldest = oldest_arrival(flow);
-                if now_us.saturating_sub(oldest) < timeout {
+                flow.oldest_us = oldest;
+                if !passed && now_us.saturating_sub(oldest) < timeout {
                     let due = oldest + timeout;
                     earliest = Some(earliest.map_or(due, |e| e.min(due)));
                     break;
@@ -186,9 +235,17 @@ fn oldest_arrival<T>(flow: &Flow<T>) -> u64 {
     flow.slots
         .iter()
         .flatten()
-        .map(|(_, at)| *at)
+        .map(|(_, at, _)| *at)
         .min()
         .unwrap_or(0)
+}
+
+/// Transmit timestamp of the first packet held after the gap at `next`.
+fn first_held_ts<T>(flow: &Flow<T>) -> Option<u32> {
+    let window = flow.slots.len() as u32;
+    (0..window)
+        .find_map(|i| flow.slots[(flow.next.wrapping_add(i) % window) as usize].as_ref())
+        .and_then(|(_, _, ts)| *ts)
 }
 
 /// Delivers the consecutive run starting at `next`; returns how many left the buffer.
@@ -196,7 +253,7 @@ fn drain<T>(flow: &mut Flow<T>, out: &mut Vec<T>) -> usize {
     let window = flow.slots.len() as u32;
     let mut n = 0;
     while flow.held > 0 {
-        let Some((pkt, _)) = flow.slots[(flow.next % window) as usize].take() else {
+        let Some((pkt, _, _)) = flow.slots[(flow.next % window) as usize].take() else {
             break;
         };
         out.push(pkt);
@@ -216,7 +273,7 @@ fn flush<T>(flow: &mut Flow<T>, out: &mut Vec<T>) -> usize {
             break;
         }
         let seq = flow.next.wrapping_add(i);
-        if let Some((pkt, _)) = flow.slots[(seq % window) as usize].take() {
+        if let Some((pkt, _, _)) = flow.slots[(seq % window) as usize].take() {
             out.push(pkt);
             flow.held -= 1;
             n += 1;
@@ -310,6 +367,28 @@ mod tests {
             r.push((9, 9), s.wrapping_mul(7919) % 4000 + 1, s, 0, &mut out);
             assert!(r.buffered() <= 10);
         }
+    }
+
+    #[test]
+    fn gap_skipped_once_every_path_is_past_it() {
+        let mut r = Reorder::new(limits());
+        let mut out = Vec::new();
+        r.push_sent((1, 1), 0, 0, 0, Some(100), &mut out);
+        // Seq 1 (sent at 101) is missing; seq 2 was sent at 102.
+        r.push_sent((1, 1), 2, 2, 5, Some(102), &mut out);
+        assert_eq!(r.poll_with(6, |_| Some(102), &mut out), Some(105));
+        assert_eq!(
+            out,
+            vec![0],
+            "a path not yet past 102 may still bring seq 1"
+        );
+        r.poll_with(7, |_| Some(103), &mut out);
+        assert_eq!(out, vec![0, 2], "every path is past it: seq 1 is lost");
+        assert_eq!(r.stats.timeouts, 1);
+        // Timestamps wrap.
+        r.push_sent((1, 1), 4, 4, 8, Some(u32::MAX), &mut out);
+        r.poll_with(9, |_| Some(3), &mut out);
+        assert_eq!(out.last(), Some(&4));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::flow::{is_group, FrameInfo, Mac, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 
@@ -94,6 +96,17 @@ impl Table {
         Ok(())
     }
 
+    /// Every mapping as (VNI, MAC, IP, host), sorted.
+    pub fn list(&self) -> Vec<(u32, Mac, Ipv4Addr, Ipv4Addr)> {
+        let mut v: Vec<_> = self
+            .nets
+            .iter()
+            .flat_map(|(vni, n)| n.iter().map(|(mac, r)| (*vni, *mac, r.ip, r.host)))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn remove_remote(&mut self, vni: u32, mac: &Mac) -> bool {
         self.nets
             .get_mut(&vni)
@@ -166,6 +179,46 @@ impl Table {
             return Err(Drop::NotForUs);
         }
         Ok(remote.host)
+    }
+}
+
+/// The card's table shared between the API (which edits it) and dataplane workers (which
+/// take a copy whenever its generation moves, so the packet path never waits on a lock).
+#[derive(Debug, Clone, Default)]
+pub struct SharedTable(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    table: Mutex<Table>,
+    generation: AtomicU64,
+}
+
+impl SharedTable {
+    pub fn new(table: Table) -> Self {
+        Self(Arc::new(Shared {
+            table: Mutex::new(table),
+            generation: AtomicU64::new(1),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.0.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `f` to the table; workers pick the change up within a poll interval.
+    pub fn edit<R>(&self, f: impl FnOnce(&mut Table) -> R) -> R {
+        let r = f(&mut self.lock());
+        self.0.generation.fetch_add(1, Ordering::Release);
+        r
+    }
+
+    /// Changes with every edit.
+    pub fn generation(&self) -> u64 {
+        self.0.generation.load(Ordering::Acquire)
+    }
+
+    pub fn snapshot(&self) -> Table {
+        self.lock().clone()
     }
 }
 
@@ -270,8 +323,16 @@ mod tests {
             .add_remote(1, [0xff; 6], Ipv4Addr::LOCALHOST, HOST_B)
             .is_err());
         t.add_remote(1, B, Ipv4Addr::LOCALHOST, HOST_B).unwrap();
+        assert_eq!(t.list(), vec![(1, B, Ipv4Addr::LOCALHOST, HOST_B)]);
         assert!(t.remove_remote(1, &B));
         assert!(!t.remove_remote(1, &B));
         assert!(t.hosts(1).is_empty());
+        let shared = SharedTable::new(t);
+        let g = shared.generation();
+        shared
+            .edit(|t| t.add_remote(2, C, Ipv4Addr::LOCALHOST, HOST_C))
+            .unwrap();
+        assert!(shared.generation() > g);
+        assert_eq!(shared.snapshot().hosts(2), vec![HOST_C]);
     }
 }

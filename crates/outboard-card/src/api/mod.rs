@@ -10,6 +10,7 @@
 //! ```
 
 mod http;
+pub mod net;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -40,6 +41,7 @@ pub struct Card {
     store: Mutex<VolumeStore>,
     backing: Arc<Backing>,
     attached: Mutex<HashMap<String, Attachment>>,
+    net: net::Net,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +165,7 @@ impl Card {
             store: Mutex::new(store),
             backing: data,
             attached: Mutex::new(HashMap::new()),
+            net: net::Net::default(),
         })
     }
 
@@ -191,6 +194,7 @@ impl Card {
             (_, ["volumes"] | ["volumes", _] | ["volumes", _, "attachment" | "qos" | "stats"]) => {
                 Err(Response::error(405, "Method not allowed"))
             }
+            (m, ["net", rest @ ..]) => Ok(self.net.handle(m, rest, req)),
             _ => Err(Response::error(404, format!("No route {path}"))),
         };
         r.unwrap_or_else(|e| e)
@@ -393,6 +397,11 @@ mod tests {
             "/volumes/{name}/attachment",
             "/volumes/{name}/qos",
             "/volumes/{name}/stats",
+            "/net/mappings",
+            "/net/mappings/{vni}/{mac}",
+            "/net/interfaces",
+            "/net/interfaces/{id}",
+            "/net/interfaces/{id}/counters",
         ];
         assert_eq!(documented, routed);
     }
