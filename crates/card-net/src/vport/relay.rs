@@ -15,82 +15,17 @@
 //!      └───────────────────── replies as is ◄──────────────────────────────┘
 //! ```
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+use outboard_vhost_wire::{recv, send, Message as Msg, HDR, VERSION};
 
 const SET_FEATURES: u32 = 2;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const SET_VRING_ENABLE: u32 = 18;
-/// Header flags: protocol version 1, no reply asked.
-const VERSION: u32 = 0x1;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-const HDR: usize = 12;
-/// Far above any message a net device needs (a 509-region memory table is ~16 KiB).
-const MAX_PAYLOAD: usize = 64 * 1024;
-const MAX_FDS: usize = 32;
-
-/// One whole message: header, payload and the descriptors that came with it.
-struct Msg {
-    bytes: Vec<u8>,
-    files: Vec<File>,
-}
-
-impl Msg {
-    fn request(&self) -> u32 {
-        u32::from_le_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
-    }
-}
-
-fn recv(s: &UnixStream) -> io::Result<Option<Msg>> {
-    let mut hdr = [0u8; HDR];
-    let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
-    let mut iov = [libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: HDR,
-    }];
-    // SAFETY: the iovec covers `hdr`, borrowed mutably for the call; any bytes may land there.
-    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    let files = fds[..nfds.min(MAX_FDS)]
-        .iter()
-        // SAFETY: recvmsg just installed these descriptors for us; nothing else owns them.
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
-        .collect();
-    if n == 0 {
-        return Ok(None);
-    }
-    let mut r = s;
-    if n < HDR {
-        r.read_exact(&mut hdr[n..])?;
-    }
-    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
-    if size > MAX_PAYLOAD {
-        return Err(io::Error::other(format!(
-            "Oversized vhost-user message ({size} bytes)"
-        )));
-    }
-    let mut bytes = hdr.to_vec();
-    bytes.resize(HDR + size, 0);
-    r.read_exact(&mut bytes[HDR..])?;
-    Ok(Some(Msg { bytes, files }))
-}
-
-fn send(s: &UnixStream, msg: &Msg) -> io::Result<()> {
-    let fds: Vec<RawFd> = msg.files.iter().map(|f| f.as_raw_fd()).collect();
-    let sent = s
-        .send_with_fds(&[&msg.bytes[..]], &fds)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    if sent < msg.bytes.len() {
-        (&*s).write_all(&msg.bytes[sent..])?;
-    }
-    Ok(())
-}
 
 /// Sets bit 30 in a SET_FEATURES message once the front end negotiated protocol features.
 fn repair(msg: &mut Msg, protocol_negotiated: bool) {
@@ -98,21 +33,14 @@ fn repair(msg: &mut Msg, protocol_negotiated: bool) {
         return;
     }
     let mut v = [0u8; 8];
-    v.copy_from_slice(&msg.bytes[HDR..]);
+    v.copy_from_slice(msg.payload());
     let features = u64::from_le_bytes(v) | PROTOCOL_FEATURES_BIT;
-    msg.bytes[HDR..].copy_from_slice(&features.to_le_bytes());
+    msg.payload_mut().copy_from_slice(&features.to_le_bytes());
 }
 
 /// SET_FEATURES with only `VHOST_USER_F_PROTOCOL_FEATURES`, asking no reply.
 fn protocol_features_only() -> Msg {
-    let mut bytes = SET_FEATURES.to_le_bytes().to_vec();
-    bytes.extend_from_slice(&VERSION.to_le_bytes());
-    bytes.extend_from_slice(&8u32.to_le_bytes());
-    bytes.extend_from_slice(&PROTOCOL_FEATURES_BIT.to_le_bytes());
-    Msg {
-        bytes,
-        files: Vec::new(),
-    }
+    Msg::new(SET_FEATURES, VERSION, &PROTOCOL_FEATURES_BIT.to_le_bytes())
 }
 
 fn requests(front: &UnixStream, inner: &UnixStream) -> io::Result<()> {
@@ -186,14 +114,7 @@ mod tests {
     use super::*;
 
     fn msg(request: u32, payload: &[u8]) -> Msg {
-        let mut bytes = request.to_le_bytes().to_vec();
-        bytes.extend_from_slice(&1u32.to_le_bytes());
-        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(payload);
-        Msg {
-            bytes,
-            files: Vec::new(),
-        }
+        Msg::new(request, VERSION, payload)
     }
 
     #[test]
@@ -201,44 +122,48 @@ mod tests {
         let features = (1u64 << 32) | 1;
         let mut before = msg(SET_FEATURES, &features.to_le_bytes());
         repair(&mut before, false);
-        assert_eq!(before.bytes[HDR..], features.to_le_bytes());
+        assert_eq!(before.payload(), features.to_le_bytes());
         let mut after = msg(SET_FEATURES, &features.to_le_bytes());
         repair(&mut after, true);
         assert_eq!(
-            after.bytes[HDR..],
+            after.payload(),
             (features | PROTOCOL_FEATURES_BIT).to_le_bytes()
         );
         // Other requests and malformed SET_FEATURES pass untouched.
         let mut other = msg(SET_PROTOCOL_FEATURES, &features.to_le_bytes());
         repair(&mut other, true);
-        assert_eq!(other.bytes[HDR..], features.to_le_bytes());
+        assert_eq!(other.payload(), features.to_le_bytes());
         let mut short = msg(SET_FEATURES, &[1, 2, 3]);
         repair(&mut short, true);
-        assert_eq!(short.bytes[HDR..], [1, 2, 3]);
+        assert_eq!(short.payload(), [1, 2, 3]);
     }
 
     #[test]
-    fn messages_cross_with_their_descriptors_and_oversized_ones_fail() {
-        let (a, b) = UnixStream::pair().unwrap();
-        let file = tempfile_like();
-        let mut m = msg(5, &[9; 40]);
-        m.files.push(file);
-        send(&a, &m).unwrap();
-        let got = recv(&b).unwrap().unwrap();
-        assert_eq!(got.bytes, m.bytes);
-        assert_eq!(got.files.len(), 1);
-        let mut huge = msg(5, &[]);
-        huge.bytes[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
-        (&a).write_all(&huge.bytes).unwrap();
-        assert!(recv(&b).is_err());
-        drop(a);
-        // A closed peer is the end, not an error.
-        let (c, d) = UnixStream::pair().unwrap();
-        drop(c);
-        assert!(recv(&d).unwrap().is_none());
-    }
-
-    fn tempfile_like() -> File {
-        File::open("/dev/null").unwrap()
+    fn vring_enable_before_set_features_is_preceded_by_protocol_features() {
+        let (front, relay_front) = UnixStream::pair().unwrap();
+        let (relay_inner, inner) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || requests(&relay_front, &relay_inner));
+        send(&front, &msg(SET_PROTOCOL_FEATURES, &1u64.to_le_bytes())).unwrap();
+        send(&front, &msg(SET_VRING_ENABLE, &[0; 8])).unwrap();
+        send(&front, &msg(SET_FEATURES, &(1u64 << 32).to_le_bytes())).unwrap();
+        drop(front);
+        let seen: Vec<(u32, Vec<u8>)> = std::iter::from_fn(|| recv(&inner).unwrap())
+            .map(|m| (m.request(), m.payload().to_vec()))
+            .collect();
+        t.join().unwrap().unwrap();
+        assert_eq!(
+            seen,
+            [
+                (SET_PROTOCOL_FEATURES, 1u64.to_le_bytes().to_vec()),
+                (SET_FEATURES, PROTOCOL_FEATURES_BIT.to_le_bytes().to_vec()),
+                (SET_VRING_ENABLE, vec![0; 8]),
+                (
+                    SET_FEATURES,
+                    ((1u64 << 32) | PROTOCOL_FEATURES_BIT)
+                        .to_le_bytes()
+                        .to_vec()
+                ),
+            ]
+        );
     }
 }

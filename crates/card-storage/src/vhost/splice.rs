@@ -16,15 +16,14 @@
 //! made here never interleave with the daemon's. Either side closing closes both.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use outboard_vhost_wire::{recv, send, Message as Msg, NEED_REPLY, REPLY, VERSION};
 use vhost::vhost_user::message::VhostUserInflight;
-use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::Region;
 use super::InflightSlot;
@@ -32,95 +31,26 @@ use super::InflightSlot;
 const SET_VRING_KICK: u32 = 12;
 const GET_INFLIGHT_FD: u32 = 31;
 const SET_INFLIGHT_FD: u32 = 32;
-const VERSION: u32 = 0x1;
-const REPLY: u32 = 0x4;
-const NEED_REPLY: u32 = 0x8;
 const VRING_NOFD: u64 = 0x100;
-/// Far above any request we support (a memory table of 509 regions is ~16 KiB).
-const MAX_PAYLOAD: usize = 64 * 1024;
-const MAX_FDS: usize = 32;
-const HDR: usize = 12;
 
-struct Msg {
-    bytes: Vec<u8>,
-    files: Vec<File>,
+/// The inflight request's payload (`mmap_size, mmap_offset, num_queues, queue_size`).
+fn inflight(msg: &Msg) -> Option<VhostUserInflight> {
+    let p = msg.payload();
+    let u64_at = |o: usize| Some(u64::from_le_bytes(p.get(o..o + 8)?.try_into().ok()?));
+    let u16_at = |o: usize| Some(u16::from_le_bytes(p.get(o..o + 2)?.try_into().ok()?));
+    Some(VhostUserInflight::new(
+        u64_at(0)?,
+        u64_at(8)?,
+        u16_at(16)?,
+        u16_at(18)?,
+    ))
 }
 
-impl Msg {
-    fn request(&self) -> u32 {
-        u32::from_le_bytes([self.bytes[0], self.bytes[1], self.bytes[2], self.bytes[3]])
-    }
-
-    fn flags(&self) -> u32 {
-        u32::from_le_bytes([self.bytes[4], self.bytes[5], self.bytes[6], self.bytes[7]])
-    }
-
-    fn payload(&self) -> &[u8] {
-        &self.bytes[HDR..]
-    }
-
-    fn inflight(&self) -> Option<VhostUserInflight> {
-        let p = self.payload();
-        let u64_at = |o: usize| Some(u64::from_le_bytes(p.get(o..o + 8)?.try_into().ok()?));
-        let u16_at = |o: usize| Some(u16::from_le_bytes(p.get(o..o + 2)?.try_into().ok()?));
-        Some(VhostUserInflight::new(
-            u64_at(0)?,
-            u64_at(8)?,
-            u16_at(16)?,
-            u16_at(18)?,
-        ))
-    }
-}
-
-fn recv(s: &UnixStream) -> io::Result<Option<Msg>> {
-    let mut hdr = [0u8; HDR];
-    let mut fds: [RawFd; MAX_FDS] = [-1; MAX_FDS];
-    let mut iov = [libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: HDR,
-    }];
-    // SAFETY: the iovec points at `hdr`, which outlives the call and may hold any bytes.
-    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    let files = fds[..nfds]
-        .iter()
-        // SAFETY: recvmsg just installed these descriptors in our table; nothing else owns them.
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
-        .collect();
-    if n == 0 {
-        return Ok(None);
-    }
-    let mut r = s;
-    if n < HDR {
-        r.read_exact(&mut hdr[n..])?;
-    }
-    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
-    if size > MAX_PAYLOAD {
-        return Err(io::Error::other(format!(
-            "Oversized vhost-user message: {size}"
-        )));
-    }
-    let mut bytes = hdr.to_vec();
-    bytes.resize(HDR + size, 0);
-    r.read_exact(&mut bytes[HDR..])?;
-    Ok(Some(Msg { bytes, files }))
-}
-
-fn reply(out: &Mutex<UnixStream>, req: u32, payload: &[u8], fd: Option<RawFd>) -> io::Result<()> {
-    let mut bytes = Vec::with_capacity(HDR + payload.len());
-    bytes.extend_from_slice(&req.to_le_bytes());
-    bytes.extend_from_slice(&(VERSION | REPLY).to_le_bytes());
-    bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    bytes.extend_from_slice(payload);
+fn reply(out: &Mutex<UnixStream>, req: u32, payload: &[u8], file: Option<File>) -> io::Result<()> {
+    let mut msg = Msg::new(req, VERSION | REPLY, payload);
+    msg.files.extend(file);
     let s = out.lock().unwrap_or_else(|p| p.into_inner());
-    let fds: Vec<RawFd> = fd.into_iter().collect();
-    let sent = s
-        .send_with_fds(&[&bytes[..]], &fds)
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    if sent < bytes.len() {
-        (&*s).write_all(&bytes[sent..])?;
-    }
-    Ok(())
+    send(&s, &msg)
 }
 
 fn inflight_payload(i: &VhostUserInflight) -> Vec<u8> {
@@ -148,16 +78,9 @@ impl Front {
                 SET_INFLIGHT_FD => self.set_inflight(&msg)?,
                 req => {
                     let kick = (req == SET_VRING_KICK)
-                        .then(|| msg.inflight_kick())
+                        .then(|| inflight_kick(&msg))
                         .flatten();
-                    let fds: Vec<RawFd> = msg.files.iter().map(|f| f.as_raw_fd()).collect();
-                    let sent = self
-                        .inner
-                        .send_with_fds(&[&msg.bytes[..]], &fds)
-                        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-                    if sent < msg.bytes.len() {
-                        (&self.inner).write_all(&msg.bytes[sent..])?;
-                    }
+                    send(&self.inner, &msg)?;
                     // The first kick after (re)connecting makes the queue's worker resubmit
                     // what the region says was in flight, without waiting for the guest.
                     if let Some(mut k) = kick {
@@ -177,8 +100,7 @@ impl Front {
     }
 
     fn get_inflight(&self, msg: &Msg) -> io::Result<()> {
-        let created = msg
-            .inflight()
+        let created = inflight(msg)
             .ok_or_else(|| io::Error::other("Short GET_INFLIGHT_FD"))
             .and_then(|ask| {
                 Region::create(ask.num_queues, ask.queue_size).map_err(io::Error::other)
@@ -191,7 +113,7 @@ impl Front {
                     &self.out,
                     GET_INFLIGHT_FD,
                     &inflight_payload(&info),
-                    Some(file.as_raw_fd()),
+                    Some(file),
                 )
             }
             Err(e) => {
@@ -203,7 +125,7 @@ impl Front {
     }
 
     fn set_inflight(&self, msg: &Msg) -> io::Result<()> {
-        let mapped = match (msg.inflight(), msg.files.first()) {
+        let mapped = match (inflight(msg), msg.files.first()) {
             (Some(info), Some(file)) => Region::map(file, &info).map_err(io::Error::other),
             _ => Err(io::Error::other("SET_INFLIGHT_FD without a region")),
         };
@@ -225,32 +147,21 @@ impl Front {
     }
 }
 
-impl Msg {
-    /// A copy of SET_VRING_KICK's eventfd, to kick the queue ourselves.
-    fn inflight_kick(&self) -> Option<File> {
-        let v = u64::from_le_bytes(self.payload().get(..8)?.try_into().ok()?);
-        if v & VRING_NOFD != 0 {
-            return None;
-        }
-        self.files.first()?.try_clone().ok()
+/// A copy of SET_VRING_KICK's eventfd, to kick the queue ourselves.
+fn inflight_kick(msg: &Msg) -> Option<File> {
+    let v = u64::from_le_bytes(msg.payload().get(..8)?.try_into().ok()?);
+    if v & VRING_NOFD != 0 {
+        return None;
     }
+    msg.files.first()?.try_clone().ok()
 }
 
 fn relay_replies(inner: &UnixStream, out: &Mutex<UnixStream>) -> io::Result<()> {
-    let mut r = inner;
-    loop {
-        let mut hdr = [0u8; HDR];
-        r.read_exact(&mut hdr)?;
-        let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
-        if size > MAX_PAYLOAD {
-            return Err(io::Error::other("Oversized vhost-user reply"));
-        }
-        let mut bytes = hdr.to_vec();
-        bytes.resize(HDR + size, 0);
-        r.read_exact(&mut bytes[HDR..])?;
+    while let Some(msg) = recv(inner)? {
         let s = out.lock().unwrap_or_else(|p| p.into_inner());
-        (&*s).write_all(&bytes)?;
+        send(&s, &msg)?;
     }
+    Ok(())
 }
 
 /// A running splice: its two threads and a handle on the front end's connection.
