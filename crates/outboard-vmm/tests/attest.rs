@@ -345,3 +345,50 @@ fn bad_attestation_files_fail_the_start_clearly() {
         vm.stderr()
     );
 }
+
+#[test]
+fn a_live_updated_vm_does_not_serve_its_old_measurements() {
+    if !kvm_available("a_live_updated_vm_does_not_serve_its_old_measurements") {
+        return;
+    }
+    let pki = Pki::new();
+    let kernel = guest_copy(pki.dir.path());
+    let sock = temp_path("attest-lu", ".sock");
+    let vm = GuestCommand::new(vmm())
+        .kernel(&kernel)
+        .cmdline("outboard.run=heartbeat")
+        .cpus(1)
+        .memory_mib(MEMORY_MIB)
+        .api_socket(&sock)
+        .args(["--id", "attest-lu"])
+        .args(pki.vmm_args())
+        .spawn()
+        .expect("spawn outboard-vmm");
+    let api = ApiClient::new(&sock);
+    api.wait_ready(TIMEOUT).expect("API socket comes up");
+    vm.wait_for_line("OUTBOARD_HEARTBEAT", TIMEOUT).unwrap();
+    let (code, _, _) = get_bytes(&api, "/attestation?nonce=01");
+    assert_eq!(code, 200, "measured at launch");
+
+    let body = serde_json::json!({ "binary": vmm_binary() }).to_string();
+    let (code, reply) = api.request("PUT", "/live-update", Some(&body)).unwrap();
+    assert_eq!(code, 204, "{reply}\n{}", vm.stderr());
+    // The successor runs the guest but will not present the old binary's PCR0 as its own.
+    for path in ["/attestation?nonce=02", "/attestation/event-log"] {
+        let (code, _, body) = get_bytes(&api, path);
+        assert_eq!(code, 409, "{path}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("live-updated"),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    // The successor is not our child: stop it through the API.
+    let (code, body) = action(&api, "InstanceStop");
+    assert_eq!(code, 204, "{body}");
+    drop(vm);
+}
+
+fn vmm_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_outboard-vmm")
+}

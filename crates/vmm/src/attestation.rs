@@ -354,6 +354,9 @@ pub struct Attestation {
     helper: Option<Helper>,
     /// `GET /attestation/event-log`'s body, once measured.
     event_log: Option<serde_json::Value>,
+    /// This process took the VM over by live update: the launch measurements describe the
+    /// previous binary and are not served.
+    superseded: bool,
 }
 
 impl Attestation {
@@ -365,11 +368,20 @@ impl Attestation {
             module_id: module_id.to_owned(),
             helper: None,
             event_log: None,
+            superseded: false,
         };
         if a.measures_every_launch() {
             a.helper = Some(a.start_helper()?);
         }
         Ok(a)
+    }
+
+    /// The attestation of a VMM that took a measured VM over by live update.
+    pub fn superseded() -> Self {
+        Attestation {
+            superseded: true,
+            ..Default::default()
+        }
     }
 
     /// Waits for the helper (if started) to load the key and policy.
@@ -457,6 +469,9 @@ impl Attestation {
 
     /// `GET /attestation?<query>`.
     pub fn document(&mut self, query: &str) -> Result<ApiResponse, ApiError> {
+        if self.superseded {
+            return Err(superseded());
+        }
         if self.config.keys.is_none() && self.config.service.is_none() {
             return Err(ApiError::conflict(
                 "No attestation key configured: start outboard-vmm with --attest-service, or \
@@ -483,6 +498,9 @@ impl Attestation {
 
     /// `GET /attestation/event-log`.
     pub fn event_log(&self) -> Result<ApiResponse, ApiError> {
+        if self.superseded {
+            return Err(superseded());
+        }
         self.event_log
             .clone()
             .map(ApiResponse::Json)
@@ -492,6 +510,13 @@ impl Attestation {
 
 /// The `Content-Type` of a served attestation document (`outboard_attest::DOCUMENT_CONTENT_TYPE`).
 pub const DOCUMENT_CONTENT_TYPE: &str = "application/cbor";
+
+fn superseded() -> ApiError {
+    ApiError::conflict(
+        "This VM was live-updated to another outboard-vmm binary: its launch measurements \
+         describe the previous binary, and attestation does not carry across a live update yet",
+    )
+}
 
 fn not_measured() -> ApiError {
     ApiError::conflict(

@@ -126,6 +126,10 @@ pub struct HandoverConfig {
     /// by the time since, so the guest's clock doesn't fall behind by each update's pause.
     #[serde(default)]
     pub clock_read_at_ns: u64,
+    /// The VM was measured at launch: its measurements describe the old binary, so the
+    /// successor refuses to serve them as current.
+    #[serde(default)]
+    pub attested: bool,
 }
 
 /// CLOCK_MONOTONIC in ns: one clock for both processes.

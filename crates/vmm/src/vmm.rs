@@ -192,6 +192,9 @@ impl Vmm {
     /// tells the old VMM it is ready, and resumes the guest once the old VMM commits.
     pub fn adopt(&mut self, incoming: Incoming, channel: &Channel) -> Result<(), Error> {
         let running = incoming.config.running;
+        if incoming.config.attested {
+            self.attestation = Attestation::superseded();
+        }
         let restore_started = live_update::monotonic_ns();
         let restored = self.restore_with(
             &incoming.state,
@@ -636,6 +639,7 @@ impl Vmm {
             api_sock: self.api_listener.as_ref().map(|(_, p)| p.clone()),
             running,
             clock_read_at_ns: 0,
+            attested: self.attestation.measured(),
         };
         match live_update::hand_over(vm, &self.hv, &request.binary, config, running) {
             Ok(times) => {
