@@ -24,6 +24,14 @@ use outboard_guest_harness::{kvm_available, wait_for_path, ApiClient, Daemon, Gu
 
 const DISK_BYTES: u64 = 32 << 20;
 
+/// The tests of this file run one at a time: each runs VMs, backends and live updates, and six
+/// at once on 2 cores stall guests for seconds.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A VM under `live-mix` with its two backends and scratch directory.
 struct Rig {
     dir: PathBuf,
@@ -81,10 +89,13 @@ fn rig_on(test: &str, runner: outboard_guest_harness::Runner) -> Rig {
     let (vm, api) = with_api(
         outboard_guest_harness::GuestCommand::testguest(runner)
             .run_command("live-mix")
+            // A batch waits up to 30 s for its echoes: on 2 cores shared by this file's parallel
+            // tests a stall can pass the guest's 5 s default, and a stall must not read as loss
+            // (frames that never come still fail the received == sent check).
             .cmdline(
                 "outboard.interval_ms=50 outboard.blk_every=8 outboard.blk_sectors=256 \
                  outboard.virtio_irq=1 \
-                 outboard.net_batch=8",
+                 outboard.net_batch=8 outboard.net_timeout_ms=30000",
             )
             .args([
                 "--disk",
@@ -203,8 +214,13 @@ fn mix_clean(vm: &GuestVm, echo: &net_echo::Echo) {
         assert_eq!(f("OUTBOARD_NET_PROGRESS", k), 0, "frames {k}");
     }
     let sent = f("OUTBOARD_NET_PROGRESS", "sent");
-    assert_eq!(f("OUTBOARD_NET_PROGRESS", "received"), sent);
     let echoed = u64::from(*echo.echoed.lock().unwrap());
+    assert_eq!(
+        f("OUTBOARD_NET_PROGRESS", "received"),
+        sent,
+        "frames echoed by the backend: {echoed}; stderr:\n{}",
+        vm.stderr()
+    );
     // The batch running now may have frames on their way.
     assert!(
         echoed >= sent && echoed <= sent + 8,
@@ -228,6 +244,7 @@ fn mix_clean(vm: &GuestVm, echo: &net_echo::Echo) {
 
 #[test]
 fn twenty_live_updates_between_two_builds_under_disk_and_nic_load() {
+    let _serial = one_at_a_time();
     const TEST: &str = "twenty_live_updates_between_two_builds_under_disk_and_nic_load";
     if !kvm_available(TEST) || !have_qsd(TEST) {
         return;
@@ -322,6 +339,7 @@ fn dying_successor(dir: &Path, step: &str) -> PathBuf {
 
 #[test]
 fn successor_killed_at_each_step_leaves_devices_working_on_the_old_vmm() {
+    let _serial = one_at_a_time();
     const TEST: &str = "successor_killed_at_each_step_leaves_devices_working_on_the_old_vmm";
     if !kvm_available(TEST) || !have_qsd(TEST) {
         return;
@@ -377,6 +395,7 @@ fn uds_echo(path: PathBuf) -> Arc<(AtomicU64, AtomicU64)> {
 /// handshake goes on too, and the vsock socket path answers throughout.
 #[test]
 fn vsock_connections_survive_live_updates() {
+    let _serial = one_at_a_time();
     const TEST: &str = "vsock_connections_survive_live_updates";
     if !kvm_available(TEST) {
         return;
@@ -469,6 +488,7 @@ fn vsock_connections_survive_live_updates() {
 /// reset, while the device itself keeps working.
 #[test]
 fn a_snapshot_resets_vsock_connections_and_keeps_the_device() {
+    let _serial = one_at_a_time();
     const TEST: &str = "a_snapshot_resets_vsock_connections_and_keeps_the_device";
     if !kvm_available(TEST) {
         return;
@@ -549,6 +569,7 @@ fn a_snapshot_resets_vsock_connections_and_keeps_the_device() {
 /// older release, say) restores under this one and the guest goes on.
 #[test]
 fn a_snapshot_taken_by_the_other_build_restores() {
+    let _serial = one_at_a_time();
     const TEST: &str = "a_snapshot_taken_by_the_other_build_restores";
     if !kvm_available(TEST) {
         return;
@@ -629,6 +650,7 @@ fn heartbeat_seqs(vm: &GuestVm) -> Vec<u64> {
 /// counter continues.
 #[test]
 fn a_vm_with_a_disk_and_a_nic_restores_from_the_other_builds_snapshot() {
+    let _serial = one_at_a_time();
     const TEST: &str = "a_vm_with_a_disk_and_a_nic_restores_from_the_other_builds_snapshot";
     if !kvm_available(TEST) || !have_qsd(TEST) {
         return;
