@@ -4,77 +4,17 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const CARD: &str = env!("CARGO_BIN_EXE_outboard-card");
+mod common;
 
-struct Daemon {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use common::{call, start as start_card, Daemon, CARD};
 
 fn start() -> Daemon {
-    let dir = std::env::temp_dir().join(format!("outboard-card-net-api-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = dir.join("store");
-    std::fs::File::create(&store)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let out = Command::new(CARD)
-        .args(["volume", "--backing", store.to_str().unwrap(), "format"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let child = Command::new(CARD)
-        .args(["serve", "--backing", store.to_str().unwrap(), "--api"])
-        .arg(dir.join("api.sock"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let d = Daemon { child, dir };
-    let t = Instant::now();
-    while UnixStream::connect(d.dir.join("api.sock")).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "API socket never came up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    d
-}
-
-fn call(d: &Daemon, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let mut s = UnixStream::connect(d.dir.join("api.sock")).unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: card\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map_or("", |x| x.1);
-    let v = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(body).unwrap()
-    };
-    (status, v)
+    start_card("net-api", 16)
 }
 
 fn is_root() -> bool {
