@@ -105,6 +105,9 @@ struct Shared {
     counters: PortCounters,
     /// TX frames since the last used-ring signal.
     unsignalled: AtomicU64,
+    /// Held while the dataplane works on a ring: GET_VRING_BASE waits for it (`stop_vring`),
+    /// so a ring is never stopped between a pop and its `add_used`.
+    busy: Mutex<()>,
     stop: AtomicBool,
 }
 
@@ -158,6 +161,11 @@ impl VhostUserBackend for Backend {
 
     fn set_event_idx(&self, _enabled: bool) {}
 
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        drop(self.0.busy.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(())
+    }
+
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         *self.0.mem.lock().unwrap_or_else(|p| p.into_inner()) = Some(mem);
         Ok(())
@@ -205,6 +213,7 @@ impl VirtualPort {
             ready: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
             counters: PortCounters::default(),
             unsignalled: AtomicU64::new(0),
+            busy: Mutex::new(()),
             stop: AtomicBool::new(false),
         });
         let thread_shared = shared.clone();
@@ -258,6 +267,7 @@ impl VirtualPort {
     /// Pops one TX chain: `None` when the ring is empty (or not set up), `Some(None)` for a
     /// refused chain, `Some(Some(len))` for a frame copied into `buf`.
     fn pop_tx(&self, buf: &mut [u8]) -> io::Result<Option<Option<usize>>> {
+        let _busy = self.shared.busy.lock().unwrap_or_else(|p| p.into_inner());
         let (Some(vring), Some(mem)) = (self.shared.vring(TX), self.shared.memory()) else {
             return Ok(None);
         };
@@ -309,6 +319,7 @@ impl VirtualPort {
             c.rx_dropped.fetch_add(1, Relaxed);
             return Ok(buf.len());
         }
+        let _busy = self.shared.busy.lock().unwrap_or_else(|p| p.into_inner());
         let (Some(vring), Some(mem)) = (self.shared.vring(RX), self.shared.memory()) else {
             c.rx_no_buffer.fetch_add(1, Relaxed);
             return Ok(buf.len());

@@ -25,12 +25,16 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 #[derive(Default)]
 pub struct Echo {
     mem: Mutex<Option<Mem>>,
+    /// Held while the rings are worked on: GET_VRING_BASE waits for it (`stop_vring`), so a
+    /// ring is never stopped between a pop and its `add_used`.
+    busy: Mutex<()>,
     pending: Mutex<VecDeque<Vec<u8>>>,
     pub echoed: Mutex<u32>,
 }
 
 impl Echo {
     fn pump(&self, vrings: &[VringRwLock<Mem>]) -> io::Result<()> {
+        let _busy = self.busy.lock().unwrap();
         let Some(mem) = self.mem.lock().unwrap().clone() else {
             return Ok(());
         };
@@ -100,6 +104,10 @@ impl VhostUserBackend for Echo {
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
     fn set_event_idx(&self, _enabled: bool) {}
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        drop(self.busy.lock().unwrap());
+        Ok(())
+    }
     fn update_memory(&self, mem: Mem) -> io::Result<()> {
         *self.mem.lock().unwrap() = Some(mem);
         Ok(())
