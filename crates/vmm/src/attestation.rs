@@ -249,18 +249,23 @@ impl Helper {
         let exe = std::env::current_exe().map_err(Error::HelperPath)?;
         let path = exe.with_file_name(HELPER_NAME);
         let (socket, theirs) = UnixStream::pair().map_err(Error::Talk)?;
-        socket
-            .set_read_timeout(Some(HELPER_TIMEOUT))
-            .map_err(Error::Talk)?;
         let child = Command::new(&path)
             .args(config.helper_args(module_id, std::process::id()))
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::null())
             .spawn()
             .map_err(|source| Error::Spawn { path, source })?;
+        Helper::over(socket, Some(child))
+    }
+
+    /// The helper at the other end of `socket`: a child we started, or the host's service.
+    fn over(socket: UnixStream, child: Option<Child>) -> Result<Helper, Error> {
+        socket
+            .set_read_timeout(Some(HELPER_TIMEOUT))
+            .map_err(Error::Talk)?;
         let reader = BufReader::new(socket.try_clone().map_err(Error::Talk)?);
         Ok(Helper {
-            child: Some(child),
+            child,
             socket,
             reader,
             ready: false,
@@ -275,23 +280,12 @@ impl Helper {
             path: service.to_owned(),
             source,
         })?;
-        socket
-            .set_read_timeout(Some(HELPER_TIMEOUT))
-            .map_err(Error::Talk)?;
-        let reader = BufReader::new(socket.try_clone().map_err(Error::Talk)?);
-        let mut helper = Helper {
-            child: None,
-            socket,
-            reader,
-            ready: false,
-        };
+        let mut helper = Helper::over(socket, None)?;
         let open = Request::Open {
             module_id: module_id.to_owned(),
             policy,
         };
-        let mut line = serde_json::to_vec(&open).map_err(Error::Answer)?;
-        line.push(b'\n');
-        helper.socket.write_all(&line).map_err(Error::Talk)?;
+        helper.send(&open, &[])?;
         Ok(helper)
     }
 
@@ -308,6 +302,12 @@ impl Helper {
 
     fn call(&mut self, request: &Request, files: &[&File]) -> Result<Response, Error> {
         self.wait_ready()?;
+        self.send(request, files)?;
+        self.receive()
+    }
+
+    /// Writes `request` as one line, `files` attached to its first bytes.
+    fn send(&mut self, request: &Request, files: &[&File]) -> Result<(), Error> {
         let mut line = serde_json::to_vec(request).map_err(Error::Answer)?;
         line.push(b'\n');
         if files.is_empty() {
@@ -320,7 +320,7 @@ impl Helper {
                 .map_err(|e| Error::Talk(e.into()))?;
             self.socket.write_all(&line[sent..]).map_err(Error::Talk)?;
         }
-        self.receive()
+        Ok(())
     }
 
     fn receive(&mut self) -> Result<Response, Error> {

@@ -72,11 +72,12 @@ fn parse_flags() -> Result<Flags> {
 
 fn run() -> Result<()> {
     let flags = parse_flags();
-    if let Ok(Flags {
-        serve: Some(path), ..
-    }) = &flags
+    if let Ok(
+        f @ Flags {
+            serve: Some(path), ..
+        },
+    ) = &flags
     {
-        let f = flags.as_ref().map_err(|e| anyhow!("{e:#}"))?;
         return service::serve(path, f);
     }
     let stdin = std::io::stdin()
