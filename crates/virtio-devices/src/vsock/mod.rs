@@ -167,14 +167,7 @@ impl VsockDevice {
         let state: VsockState =
             serde_json::from_value(saved.clone()).map_err(StartError::Malformed)?;
         self.reset();
-        let listener = self
-            .listener
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(UnixListener::try_clone)
-            .transpose()
-            .map_err(StartError::Worker)?;
+        let listener = self.listener_for_worker().map_err(StartError::Worker)?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Worker)?);
         let mut worker = worker::Worker::new(
             self.cid,
@@ -192,6 +185,16 @@ impl VsockDevice {
     }
 
     /// Stops the worker thread and returns the worker (parked state).
+    /// A handle on the host-side listener (when bound) for a new worker.
+    fn listener_for_worker(&self) -> std::io::Result<Option<UnixListener>> {
+        self.listener
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(UnixListener::try_clone)
+            .transpose()
+    }
+
     fn stop_worker(&self) -> Option<worker::Worker> {
         let running = self
             .running
@@ -262,14 +265,7 @@ impl VirtioDevice for VsockDevice {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let listener = self
-            .listener
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(UnixListener::try_clone)
-            .transpose()
-            .map_err(Error::EventFd)?;
+        let listener = self.listener_for_worker().map_err(Error::EventFd)?;
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
         let worker = worker::Worker::new(
             self.cid,
