@@ -32,6 +32,9 @@
 //! handler it keeps private, so the card answers them itself in a small message splice
 //! ([`splice`]) in front of an unmodified `VhostUserDaemon`, rather than forking the handler.
 //! Re-executing a block read or write is idempotent, which is what makes resubmission safe.
+//! A killed card may also have put chains on the used ring without notifying; with EVENT_IDX
+//! the driver would then never hear of them, so a (re)started ring notifies once on its first
+//! kick.
 
 mod config;
 pub mod inflight;
@@ -101,6 +104,9 @@ struct Worker {
     counter: u64,
     /// Chains resubmitted from the inflight region on this connection.
     resubmitted: u64,
+    /// The ring was (re)started: a previous card instance, or this one before a ring stop, may
+    /// have put chains on the used ring and never notified the driver.
+    owes_notification: bool,
 }
 
 /// A vhost-user-blk backend for one attached volume.
@@ -149,6 +155,7 @@ impl BlkBackend {
                     region: None,
                     counter: 1,
                     resubmitted: 0,
+                    owes_notification: true,
                 }))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -376,6 +383,18 @@ fn publish(
     Ok(())
 }
 
+/// A card killed between putting chains on the used ring and notifying leaves the driver's
+/// `used_event` behind the used index: with EVENT_IDX, no later completion crosses it again
+/// (until the index wraps) and the driver waits forever. So the first kick of a (re)started
+/// ring notifies once, whatever EVENT_IDX says; an extra interrupt only makes the driver look.
+fn notify_once(w: &mut Worker, vring: &Vring) -> io::Result<()> {
+    if w.owes_notification && vring.get_ref().get_call().is_some() {
+        vring.signal_used_queue()?;
+        w.owes_notification = false;
+    }
+    Ok(())
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -467,6 +486,7 @@ impl VhostUserBackend for BlkBackend {
         }
         w.timer.clear().map_err(io::Error::other)?;
         w.timer_due = None;
+        w.owes_notification = true;
         Ok(())
     }
 
@@ -499,7 +519,9 @@ impl VhostUserBackend for BlkBackend {
         match device_event {
             0 => {
                 self.recover(thread_id, &mut w, vring, &mem);
-                self.drain_queue(thread_id, &mut w, vring, &mem)?
+                self.drain_queue(thread_id, &mut w, vring, &mem)?;
+                self.progress(thread_id, &mut w, vring, &mem)?;
+                return notify_once(&mut w, vring);
             }
             e if e == self.uring_event() => {
                 // Non-blocking: an empty counter just means we already caught up.

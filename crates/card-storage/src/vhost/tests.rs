@@ -2,6 +2,8 @@ use std::fs::File;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{FromRawFd, IntoRawFd};
+
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -217,43 +219,34 @@ fn stop_vring_completes_throttled_requests() {
     assert_eq!(b.device().counters.snapshot().queue_depth, 0);
 }
 
-/// A card killed with requests in flight: the next instance, given the same inflight region,
-/// resubmits them (in submission order) on its first event and resumes the avail ring after
-/// them, so every chain the guest made available completes exactly once.
-#[test]
-fn next_instance_resubmits_what_the_inflight_region_holds() {
-    let dir = TempDir::new("vhost");
-    let limits = Limits {
-        iops_total: Some(crate::throttle::Limit {
-            rate: 100,
-            burst: 1,
-        }),
-        ..Limits::default()
-    };
-    let first = backend_with(&dir, 1, limits);
-    let (region, file, info) = inflight::Region::create(1, 16).unwrap();
-    *first.inflight.lock().unwrap() = Some(Arc::new(region));
-    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-    let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
-    let atomic = GuestMemoryAtomic::new(gm.clone());
-    let vring_for = |b: &BlkBackend, used: u16| {
-        b.update_memory(atomic.clone()).unwrap();
-        let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
-        vring.set_queue_size(16);
-        vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
-            .unwrap();
-        // What SET_VRING_ADDR and SET_VRING_BASE (the used index, after a crash) leave.
-        vring.set_queue_next_used(used);
-        vring.set_queue_next_avail(used);
-        vring.set_queue_ready(true);
-        vring.set_enabled(true);
-        [vring]
-    };
+/// The vring a front end hands a (re)connected backend: SET_VRING_ADDR reads the used index
+/// from guest memory; after a crash SET_VRING_BASE is that index too.
+fn restarted_ring(
+    b: &BlkBackend,
+    mem: &GuestMemoryAtomic<GuestMemoryMmap<()>>,
+    mock: &MockSplitQueue<GuestMemoryMmap<()>>,
+    used: u16,
+) -> [Vring; 1] {
+    b.update_memory(mem.clone()).unwrap();
+    let vring = VringRwLock::new(mem.clone(), 16).unwrap();
+    vring.set_queue_size(16);
+    vring
+        .set_queue_info(
+            mock.desc_table_addr().0,
+            mock.avail_addr().0,
+            mock.used_addr().0,
+        )
+        .unwrap();
+    vring.set_queue_next_used(used);
+    vring.set_queue_next_avail(used);
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    [vring]
+}
+
+/// Three 4 KiB reads made available at heads 0, 3 and 6, each with its own header, data
+/// buffer and status byte (0xff until the device writes it).
+fn three_reads(gm: &GuestMemoryMmap<()>, mock: &MockSplitQueue<GuestMemoryMmap<()>>) {
     let mut descs = Vec::new();
     for i in 0..3u64 {
         let hdr = HDR + 64 * i;
@@ -284,7 +277,29 @@ fn next_instance_resubmits_what_the_inflight_region_holds() {
         )));
     }
     mock.add_desc_chains(&descs, 0).unwrap();
-    let vrings = vring_for(&first, 0);
+}
+
+/// A card killed with requests in flight: the next instance, given the same inflight region,
+/// resubmits them (in submission order) on its first event and resumes the avail ring after
+/// them, so every chain the guest made available completes exactly once.
+#[test]
+fn next_instance_resubmits_what_the_inflight_region_holds() {
+    let dir = TempDir::new("vhost");
+    let limits = Limits {
+        iops_total: Some(crate::throttle::Limit {
+            rate: 100,
+            burst: 1,
+        }),
+        ..Limits::default()
+    };
+    let first = backend_with(&dir, 1, limits);
+    let (region, file, info) = inflight::Region::create(1, 16).unwrap();
+    *first.inflight.lock().unwrap() = Some(Arc::new(region));
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
+    let atomic = GuestMemoryAtomic::new(gm.clone());
+    three_reads(&gm, &mock);
+    let vrings = restarted_ring(&first, &atomic, &mock, 0);
     first.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
     let t = Instant::now();
     while mock.used().idx().load() != 1 {
@@ -303,7 +318,7 @@ fn next_instance_resubmits_what_the_inflight_region_holds() {
     let second = Arc::new(BlkBackend::new(dev, 1).unwrap());
     let region = inflight::Region::map(&file, &info).unwrap();
     *second.inflight.lock().unwrap() = Some(Arc::new(region));
-    let vrings = vring_for(&second, 1);
+    let vrings = restarted_ring(&second, &atomic, &mock, 1);
     second.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
     assert_eq!(second.resubmitted(), 2);
     assert_eq!(
@@ -328,4 +343,59 @@ fn next_instance_resubmits_what_the_inflight_region_holds() {
     // Nothing is left marked: a third instance would resubmit nothing.
     let region = inflight::Region::map(&file, &info).unwrap();
     assert_eq!(region.queue(0).unwrap().recover(3).0, Vec::<u16>::new());
+}
+
+/// A card killed after putting a chain on the used ring but before notifying leaves the
+/// driver's `used_event` asking for an interrupt that never came. By EVENT_IDX's rule none of
+/// the next instance's completions would notify (they are all past `used_event`), and the
+/// driver would wait forever: the next instance notifies on its first kick regardless.
+#[test]
+fn a_restarted_ring_notifies_what_a_killed_instance_left_unannounced() {
+    let dir = TempDir::new("vhost");
+    let b = backend(&dir, 1);
+    b.set_event_idx(true);
+    let (region, _file, _) = inflight::Region::create(1, 16).unwrap();
+    let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
+    let atomic = GuestMemoryAtomic::new(gm.clone());
+    three_reads(&gm, &mock);
+    // The killed instance took all three, completed head 0 (used index 1) and died before
+    // notifying; the driver still waits for the used index to pass 0.
+    let state = region.queue(0).unwrap();
+    for (n, head) in [0u16, 3, 6].into_iter().enumerate() {
+        state.mark(head, n as u64 + 1);
+    }
+    state.pre_put(0);
+    gm.write_obj(S_OK, GuestAddress(STATUS)).unwrap();
+    let elem = mock.used_addr().0 + 4;
+    gm.write_obj(0u32, GuestAddress(elem)).unwrap();
+    gm.write_obj(4097u32, GuestAddress(elem + 4)).unwrap();
+    mock.used().idx().store(1);
+    state.post_put(0, 1);
+    let used_event = GuestAddress(mock.avail_addr().0 + 4 + 2 * 16);
+    gm.write_obj(0u16, used_event).unwrap();
+
+    *b.inflight.lock().unwrap() = Some(Arc::new(region));
+    let vrings = restarted_ring(&b, &atomic, &mock, 1);
+    vrings[0].set_queue_event_idx(true);
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    let fd = call.try_clone().unwrap().into_raw_fd();
+    // SAFETY: `fd` was just released by its EventFd, so the File is its only owner.
+    vrings[0].set_call(Some(unsafe { File::from_raw_fd(fd) }));
+    b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
+    assert_eq!(b.resubmitted(), 2);
+    let t = Instant::now();
+    while mock.used().idx().load() != 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "resubmitted never completed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        b.handle_event(b.uring_event(), EventSet::IN, &vrings, 0)
+            .unwrap();
+    }
+    assert!(
+        call.read().is_ok(),
+        "the driver was never told of the used chains"
+    );
 }
