@@ -19,9 +19,10 @@ pub struct Cli {
 pub enum Cmd {
     /// Run the card daemon with its REST control API on a Unix socket.
     Serve {
-        /// Backing block device or file (formatted with `volume format`).
-        #[arg(long)]
-        backing: PathBuf,
+        /// Backing block device or file (formatted with `volume format`); repeat for several
+        /// stores. Volume names must be unique across them.
+        #[arg(long, required = true)]
+        backing: Vec<PathBuf>,
         /// Unix socket of the control API (created with mode 0600).
         #[arg(long)]
         api: PathBuf,

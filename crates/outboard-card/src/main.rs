@@ -5,7 +5,7 @@
 //! (openapi/outboard-card.yaml); the other verbs work on a store directly:
 //!
 //! ```text
-//! outboard-card serve --backing FILE --api SOCKET
+//! outboard-card serve --backing FILE [--backing FILE…] --api SOCKET
 //! outboard-card volume --backing FILE format
 //! outboard-card volume --backing FILE create|grow NAME SIZE
 //! outboard-card volume --backing FILE delete NAME

@@ -1,10 +1,21 @@
 //! An attached volume as the data path sees it: extents, key, throttle and counters, shared by
 //! the worker threads that serve its queues.
+//!
+//! A volume can grow while attached. Its extent list is swapped whole ([`ArcSwap`]): a worker
+//! loads it once per mapping, and a grown list only adds bytes at the end (the old extents
+//! stay, the last one may get longer), so a request bounds-checked against the old size maps
+//! to the same physical bytes under either list.
+//!
+//! ```text
+//!  size S ──grow(T ≥ S): check prefix, store──► size T   (workers see S or T, both valid)
+//! ```
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use arc_swap::{ArcSwap, Guard};
 
 use crate::backing::Backing;
 use crate::table::Volume;
@@ -22,6 +33,12 @@ pub enum Error {
     Extents(String),
     #[error("Volume {name} ends at {end}, past the backing store's {size} bytes")]
     PastStore { name: String, end: u64, size: u64 },
+    #[error("Volume {name} cannot grow from {current} to {requested} bytes with these extents")]
+    Grow {
+        name: String,
+        current: u64,
+        requested: u64,
+    },
 }
 
 /// Per-volume counters, readable at any time (metrics).
@@ -90,7 +107,9 @@ impl Counters {
 
 /// One attached volume.
 pub struct VolumeDevice {
-    volume: Volume,
+    volume: ArcSwap<Volume>,
+    /// Serialises growers, so that each checks against the list it replaces.
+    grow: Mutex<()>,
     backing: Arc<Backing>,
     key: Option<XtsKey>,
     throttle: Mutex<Throttle>,
@@ -101,9 +120,10 @@ pub struct VolumeDevice {
 
 impl fmt::Debug for VolumeDevice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.volume.load();
         f.debug_struct("VolumeDevice")
-            .field("volume", &self.volume.name)
-            .field("size", &self.volume.size)
+            .field("volume", &v.name)
+            .field("size", &v.size)
             .field("encrypted", &self.key.is_some())
             .finish_non_exhaustive()
     }
@@ -117,30 +137,15 @@ impl VolumeDevice {
         key: Option<XtsKey>,
         limits: Limits,
     ) -> Result<Self, Error> {
-        // The data path trusts the extents: check once that they cover the volume and lie in
-        // the store (the table parser checked this for tables read from disk).
-        let held: u64 = volume.extents.iter().map(|e| e.length).sum();
-        if volume.size == 0 || held < volume.size || volume.map(0, volume.size).is_none() {
-            return Err(Error::Extents(volume.name.clone()));
-        }
-        if let Some(e) = volume
-            .extents
-            .iter()
-            .find(|e| e.physical.saturating_add(e.length) > backing.size())
-        {
-            return Err(Error::PastStore {
-                name: volume.name.clone(),
-                end: e.physical.saturating_add(e.length),
-                size: backing.size(),
-            });
-        }
+        check_extents(&volume, &backing)?;
         // The GET_ID serial: the volume name, zero padded (names are at most 63 bytes, so
         // long names are cut to 20 as virtio allows).
         let mut serial = [0u8; ID_BYTES];
         let n = volume.name.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&volume.name.as_bytes()[..n]);
         Ok(Self {
-            volume,
+            volume: ArcSwap::from_pointee(volume),
+            grow: Mutex::new(()),
             backing,
             key,
             throttle: Mutex::new(Throttle::new(limits)?),
@@ -150,14 +155,48 @@ impl VolumeDevice {
         })
     }
 
-    /// The volume's extents and size.
-    pub fn volume(&self) -> &Volume {
-        &self.volume
+    /// The volume's extents and size as of now (a grow may replace them at any time, only
+    /// ever adding bytes at the end).
+    pub fn volume(&self) -> Guard<Arc<Volume>> {
+        self.volume.load()
     }
 
     /// Capacity in bytes.
     pub fn capacity(&self) -> u64 {
-        self.volume.size
+        self.volume.load().size
+    }
+
+    /// Grows the attached volume to `volume` (the same volume, as the table has it after its
+    /// grow): every byte of the current address space must map where it did before.
+    pub fn grow(&self, volume: Volume) -> Result<(), Error> {
+        let _one = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.volume.load_full();
+        let refused = || Error::Grow {
+            name: cur.name.clone(),
+            current: cur.size,
+            requested: volume.size,
+        };
+        if volume.name != cur.name || volume.id != cur.id || volume.size < cur.size {
+            return Err(refused());
+        }
+        // The old list must be a prefix of the new one, its last extent possibly lengthened.
+        let n = cur.extents.len();
+        let keeps_prefix = volume.extents.len() >= n
+            && cur
+                .extents
+                .iter()
+                .zip(&volume.extents)
+                .enumerate()
+                .all(|(i, (a, b))| {
+                    a.physical == b.physical
+                        && (a.length == b.length || (i + 1 == n && a.length < b.length))
+                });
+        if !keeps_prefix {
+            return Err(refused());
+        }
+        check_extents(&volume, &self.backing)?;
+        self.volume.store(Arc::new(volume));
+        Ok(())
     }
 
     pub(crate) fn backing(&self) -> &Backing {
@@ -186,5 +225,111 @@ impl VolumeDevice {
     /// Changes the QoS limits live.
     pub fn set_limits(&self, limits: Limits) -> Result<(), throttle::Error> {
         self.throttle().set_limits(limits)
+    }
+}
+
+/// The data path trusts the extents: check that they cover the volume and lie in the store
+/// (the table parser checked this for tables read from disk).
+fn check_extents(volume: &Volume, backing: &Backing) -> Result<(), Error> {
+    let held = volume
+        .extents
+        .iter()
+        .try_fold(0u64, |acc, e| acc.checked_add(e.length));
+    if volume.size == 0
+        || held.is_none_or(|h| h < volume.size)
+        || volume.map(0, volume.size).is_none()
+    {
+        return Err(Error::Extents(volume.name.clone()));
+    }
+    if let Some(e) = volume
+        .extents
+        .iter()
+        .find(|e| e.physical.saturating_add(e.length) > backing.size())
+    {
+        return Err(Error::PastStore {
+            name: volume.name.clone(),
+            end: e.physical.saturating_add(e.length),
+            size: backing.size(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{Extent, VolumeStore};
+    use crate::testutil::TempDir;
+
+    const MIB: u64 = 1 << 20;
+
+    fn rig(dir: &TempDir) -> (VolumeStore, VolumeDevice) {
+        let path = dir.path().join("store");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(32 * MIB)
+            .unwrap();
+        let mut store = VolumeStore::format(&path).unwrap();
+        let v = store.create("v", 4 * MIB).unwrap();
+        store.create("n", MIB).unwrap();
+        let backing = Arc::new(Backing::open(&path).unwrap());
+        let dev = VolumeDevice::new(v, backing, None, Limits::default()).unwrap();
+        (store, dev)
+    }
+
+    #[test]
+    fn grows_keep_every_old_byte_where_it_was() {
+        let dir = TempDir::new("dev-grow");
+        let (mut store, dev) = rig(&dir);
+        let old = dev.volume().map(0, 4 * MIB).unwrap();
+        let v = store.grow("v", 6 * MIB).unwrap();
+        dev.grow(v.clone()).unwrap();
+        assert_eq!(dev.capacity(), 6 * MIB);
+        assert_eq!(dev.volume().map(0, 4 * MIB).unwrap(), old);
+        assert!(dev.volume().map(4 * MIB, 2 * MIB).is_some());
+        assert!(dev.volume().map(6 * MIB - 4096, 8192).is_none());
+        // Same size again: allowed, nothing changes.
+        dev.grow(v).unwrap();
+        assert_eq!(dev.capacity(), 6 * MIB);
+    }
+
+    #[test]
+    fn grows_that_would_move_or_lose_bytes_are_refused() {
+        let dir = TempDir::new("dev-grow-bad");
+        let (mut store, dev) = rig(&dir);
+        let cur = dev.volume().as_ref().clone();
+        let refused = |v: Volume| matches!(dev.grow(v), Err(Error::Grow { .. }));
+        let mut smaller = cur.clone();
+        smaller.size -= 4096;
+        assert!(refused(smaller));
+        let mut renamed = cur.clone();
+        renamed.name = "w".into();
+        assert!(refused(renamed));
+        // Same size, but the extent moved: old data would vanish.
+        let mut moved = cur.clone();
+        moved.extents[0].physical += MIB;
+        assert!(refused(moved));
+        let mut dropped = cur.clone();
+        dropped.size += MIB;
+        dropped.extents = vec![Extent {
+            physical: 20 * MIB,
+            length: 5 * MIB,
+        }];
+        assert!(refused(dropped));
+        // Extents that do not cover the size, or run past the store.
+        let mut short = cur.clone();
+        short.size += MIB;
+        assert!(matches!(dev.grow(short), Err(Error::Extents(_))));
+        let mut past = cur.clone();
+        past.size += 64 * MIB;
+        past.extents.push(Extent {
+            physical: 16 * MIB,
+            length: 64 * MIB,
+        });
+        assert!(matches!(dev.grow(past), Err(Error::PastStore { .. })));
+        assert_eq!(*dev.volume().as_ref(), cur);
+        // The table's own grow still applies afterwards.
+        dev.grow(store.grow("v", 8 * MIB).unwrap()).unwrap();
+        assert_eq!(dev.capacity(), 8 * MIB);
     }
 }

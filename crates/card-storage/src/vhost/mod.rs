@@ -37,6 +37,7 @@
 //! kick.
 
 mod config;
+mod config_change;
 pub mod inflight;
 mod serve;
 mod splice;
@@ -117,7 +118,8 @@ pub struct BlkBackend {
     workers: Vec<Mutex<Worker>>,
     mem: Mutex<Option<Mem>>,
     event_idx: AtomicBool,
-    config: Vec<u8>,
+    /// The front end's backend request channel, for config changes (see [`config_change`]).
+    backend_req: config_change::Slot,
     inflight: InflightSlot,
 }
 
@@ -159,7 +161,6 @@ impl BlkBackend {
                 }))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let config = BlkConfig::for_volume(dev.capacity(), num_queues as u16).to_bytes();
         Ok(Self {
             dev,
             num_queues,
@@ -167,7 +168,7 @@ impl BlkBackend {
             workers,
             mem: Mutex::new(None),
             event_idx: AtomicBool::new(false),
-            config,
+            backend_req: config_change::Slot::default(),
             inflight: InflightSlot::default(),
         })
     }
@@ -431,6 +432,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -438,9 +440,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let start = (offset as usize).min(self.config.len());
-        let end = start.saturating_add(size as usize).min(self.config.len());
-        let mut out = self.config[start..end].to_vec();
+        // Built from the device each time: a live grow changes the capacity.
+        let config = BlkConfig::for_volume(self.dev.capacity(), self.num_queues as u16).to_bytes();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        let mut out = config[start..end].to_vec();
         out.resize(size as usize, 0);
         out
     }

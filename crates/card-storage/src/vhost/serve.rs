@@ -63,6 +63,8 @@ impl From<vhost_user_backend::Error> for DaemonError {
 struct Control {
     stop: AtomicBool,
     connection: Mutex<Option<ShutdownHandle>>,
+    /// The connected front end's backend, for config changes.
+    backend: Mutex<Option<Arc<BlkBackend>>>,
 }
 
 /// A listener on a fresh abstract socket (no file to clean up) with a connection already queued.
@@ -110,7 +112,16 @@ fn run(
         // messages it does not support.
         let (mut inner_listener, inner) = private_pair().map_err(Error::Splice)?;
         daemon.start(&mut inner_listener).map_err(serve_err)?;
-        let splice = splice::spawn(front, inner, backend.inflight_slot()).map_err(Error::Splice)?;
+        // Before the splice runs: a front end told of its backend request channel can be sent a
+        // config change from then on.
+        *ctl.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some(backend.clone());
+        let splice = splice::spawn(
+            front,
+            inner,
+            backend.inflight_slot(),
+            backend.backend_req_slot(),
+        )
+        .map_err(Error::Splice)?;
         *ctl.connection.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         // stop() may have run between the check above and publishing the handle.
         if ctl.stop.load(Ordering::Acquire) {
@@ -119,6 +130,7 @@ fn run(
         log::info!("Front end connected to {}", socket.display());
         let result = daemon.wait();
         *ctl.connection.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *ctl.backend.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // The daemon may end first (stop, or a protocol error): the front end must see that.
         splice.close();
         log::info!(
@@ -200,6 +212,22 @@ impl Server {
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Tells the connected front end (if any) that the device's configuration changed, e.g.
+    /// its capacity after a grow. False if no front end is connected or it gave no backend
+    /// request channel; a front end reads the configuration anew when it connects.
+    pub fn config_changed(&self) -> std::io::Result<bool> {
+        let backend = self
+            .ctl
+            .backend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match backend {
+            Some(b) => b.config_changed(),
+            None => Ok(false),
+        }
     }
 
     /// Disconnects the front end (if any), stops listening and waits for the server thread.

@@ -8,6 +8,7 @@
 //! ```text
 //!  front end ══ socket ══► splice ──► GET/SET_INFLIGHT_FD: answered here (region → Slot)
 //!      ▲                     │ └────► SET_VRING_KICK: relayed, then kicked once (resubmit)
+//!      │                     │ └────► SET_BACKEND_REQ_FD: relayed, a copy kept (config_change)
 //!      │                     └──────► everything else: relayed as is ──► VhostUserDaemon
 //!      └──────────── replies (relayed as is) ◄──────────────────────────────────┘
 //! ```
@@ -26,7 +27,7 @@ use outboard_vhost_wire::{recv, send, Message as Msg, NEED_REPLY, REPLY, VERSION
 use vhost::vhost_user::message::VhostUserInflight;
 
 use super::inflight::Region;
-use super::InflightSlot;
+use super::{config_change, InflightSlot};
 
 const SET_VRING_KICK: u32 = 12;
 const GET_INFLIGHT_FD: u32 = 31;
@@ -68,6 +69,7 @@ struct Front {
     out: Arc<Mutex<UnixStream>>,
     inner: UnixStream,
     slot: InflightSlot,
+    backend_req: config_change::Slot,
 }
 
 impl Front {
@@ -77,6 +79,9 @@ impl Front {
                 GET_INFLIGHT_FD => self.get_inflight(&msg)?,
                 SET_INFLIGHT_FD => self.set_inflight(&msg)?,
                 req => {
+                    if req == config_change::SET_BACKEND_REQ_FD {
+                        config_change::keep(&self.backend_req, &msg);
+                    }
                     let kick = (req == SET_VRING_KICK)
                         .then(|| inflight_kick(&msg))
                         .flatten();
@@ -187,6 +192,7 @@ pub(super) fn spawn(
     front: UnixStream,
     inner: UnixStream,
     slot: InflightSlot,
+    backend_req: config_change::Slot,
 ) -> io::Result<Splice> {
     let handle = front.try_clone()?;
     let out = Arc::new(Mutex::new(front.try_clone()?));
@@ -195,6 +201,7 @@ pub(super) fn spawn(
         out: out.clone(),
         inner: inner.try_clone()?,
         slot,
+        backend_req,
     };
     let up = std::thread::Builder::new()
         .name("vhost-splice-req".into())

@@ -1,27 +1,32 @@
 //! The card's control API: REST with JSON bodies over a Unix socket (see
 //! openapi/outboard-card.yaml).
 //!
-//! It owns the open volume store and the attachments (volume → vhost-user-blk server). Keys
-//! arrive in attach requests, live only in the attached device, and are zeroized on detach.
+//! It owns the backing stores ([`stores`]: one or more, each with its volume table, names
+//! unique across them) and the attachments (volume → vhost-user-blk server). Keys arrive in
+//! attach requests, live only in the attached device, and are zeroized on detach.
 //!
 //! ```text
 //!  volume: created ──attach──► attached ──detach──► created ──delete──► gone
-//!             │ grow (detached only)   │ qos (live), stats
+//!             │ grow                   │ grow (live: device extended, front end told),
+//!                                      │ qos (live), stats
 //! ```
+//!
+//! Locks are taken stores first, then attachments, so a grow and an attach of the same volume
+//! cannot interleave (the device always has the table's extents).
 
 mod http;
 pub mod net;
+mod stores;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
-use outboard_card_storage::backing::Backing;
 use outboard_card_storage::blk::device::VolumeDevice;
-use outboard_card_storage::table::{Volume, VolumeStore};
+use outboard_card_storage::table::Volume;
 use outboard_card_storage::throttle::{Limit, Limits};
 use outboard_card_storage::vhost::Server;
 use outboard_card_storage::xts::{XtsKey, KEY_LEN};
@@ -30,6 +35,7 @@ use serde_json::{json, Value};
 use zeroize::{Zeroize, Zeroizing};
 
 use http::{Request, Response};
+use stores::Stores;
 
 struct Attachment {
     dev: Arc<VolumeDevice>,
@@ -38,8 +44,7 @@ struct Attachment {
 
 /// The card's state behind the API.
 pub struct Card {
-    store: Mutex<VolumeStore>,
-    backing: Arc<Backing>,
+    stores: Mutex<Stores>,
     attached: Mutex<HashMap<String, Attachment>>,
     net: net::Net,
 }
@@ -49,6 +54,9 @@ pub struct Card {
 struct CreateBody {
     name: String,
     size: u64,
+    /// The backing store to put it on (its path); default: the one with the most free space.
+    #[serde(default)]
+    store: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -107,7 +115,7 @@ fn limits(q: QosBody) -> Limits {
     }
 }
 
-fn volume_json(v: &Volume, attached: Option<&Attachment>) -> Value {
+fn volume_json(v: &Volume, store: &str, attached: Option<&Attachment>) -> Value {
     let extents: Vec<Value> = v
         .extents
         .iter()
@@ -116,6 +124,7 @@ fn volume_json(v: &Volume, attached: Option<&Attachment>) -> Value {
     json!({
         "name": v.name,
         "size": v.size,
+        "store": store,
         "extents": extents,
         "attached": attached.map(|a| a.server.socket().display().to_string()),
     })
@@ -138,6 +147,10 @@ fn parse_key(hex: &str) -> Result<XtsKey, String> {
     XtsKey::from_bytes(&key[..]).map_err(|e| e.to_string())
 }
 
+fn no_volume(name: &str) -> Response {
+    Response::error(404, format!("No volume {name}"))
+}
+
 fn body<T: for<'a> Deserialize<'a>>(req: &Request) -> Result<T, Response> {
     serde_json::from_slice(&req.body)
         .map_err(|e| Response::error(400, format!("Bad request body: {e}")))
@@ -156,24 +169,20 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl Card {
-    /// Opens the volume store on `backing`.
-    pub fn open(backing: &Path) -> Result<Self> {
-        let store = VolumeStore::open(backing)
-            .with_context(|| format!("Cannot open {}", backing.display()))?;
-        let data = Arc::new(Backing::open(backing)?);
+    /// Opens the volume tables of the backing stores (see [`Stores::open`]).
+    pub fn open(backing: &[PathBuf]) -> Result<Self> {
         Ok(Self {
-            store: Mutex::new(store),
-            backing: data,
+            stores: Mutex::new(Stores::open(backing)?),
             attached: Mutex::new(HashMap::new()),
             net: net::Net::default(),
         })
     }
 
-    fn store(&self) -> std::sync::MutexGuard<'_, VolumeStore> {
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    fn stores(&self) -> MutexGuard<'_, Stores> {
+        self.stores.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn attached(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attachment>> {
+    fn attached(&self) -> MutexGuard<'_, HashMap<String, Attachment>> {
         self.attached.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -182,6 +191,7 @@ impl Card {
         let path = req.path.split('?').next().unwrap_or_default();
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let r = match (req.method.as_str(), parts.as_slice()) {
+            ("GET", ["stores"]) => Ok(self.list_stores()),
             ("GET", ["volumes"]) => Ok(self.list()),
             ("POST", ["volumes"]) => self.create(req),
             ("GET", ["volumes", name]) => self.get(name),
@@ -191,38 +201,63 @@ impl Card {
             ("DELETE", ["volumes", name, "attachment"]) => self.detach(name),
             ("PUT", ["volumes", name, "qos"]) => self.qos(name, req),
             ("GET", ["volumes", name, "stats"]) => self.stats(name),
-            (_, ["volumes"] | ["volumes", _] | ["volumes", _, "attachment" | "qos" | "stats"]) => {
-                Err(Response::error(405, "Method not allowed"))
-            }
+            (
+                _,
+                ["stores"]
+                | ["volumes"]
+                | ["volumes", _]
+                | ["volumes", _, "attachment" | "qos" | "stats"],
+            ) => Err(Response::error(405, "Method not allowed")),
             (m, ["net", rest @ ..]) => Ok(self.net.handle(m, rest, req)),
             _ => Err(Response::error(404, format!("No route {path}"))),
         };
         r.unwrap_or_else(|e| e)
     }
 
-    fn list(&self) -> Response {
-        let store = self.store();
-        let attached = self.attached();
-        let vols: Vec<Value> = store
-            .list()
+    fn list_stores(&self) -> Response {
+        let stores = self.stores();
+        let list: Vec<Value> = stores
             .iter()
-            .map(|v| volume_json(v, attached.get(&v.name)))
+            .map(|s| {
+                let t = s.table.table();
+                json!({
+                    "path": s.name(),
+                    "size": t.device_size,
+                    "free": t.free_bytes(),
+                    "volumes": t.volumes.len(),
+                })
+            })
+            .collect();
+        Response::json(200, &json!({ "stores": list }))
+    }
+
+    fn list(&self) -> Response {
+        let stores = self.stores();
+        let attached = self.attached();
+        let vols: Vec<Value> = stores
+            .iter()
+            .flat_map(|s| {
+                let name = s.name();
+                let attached = &attached;
+                s.table
+                    .list()
+                    .iter()
+                    .map(move |v| volume_json(v, &name, attached.get(&v.name)))
+                    .collect::<Vec<_>>()
+            })
             .collect();
         Response::json(
             200,
-            &json!({ "volumes": vols, "free": store.table().free_bytes() }),
+            &json!({ "volumes": vols, "free": stores.free_bytes() }),
         )
     }
 
     fn get(&self, name: &str) -> Result<Response, Response> {
-        let store = self.store();
-        let v = store
-            .table()
-            .volume(name)
-            .ok_or_else(|| Response::error(404, format!("No volume {name}")))?;
+        let stores = self.stores();
+        let (i, v) = stores.find(name).ok_or_else(|| no_volume(name))?;
         Ok(Response::json(
             200,
-            &volume_json(v, self.attached().get(name)),
+            &volume_json(v, &stores.get(i).name(), self.attached().get(name)),
         ))
     }
 
@@ -240,30 +275,71 @@ impl Card {
 
     fn create(&self, req: &Request) -> Result<Response, Response> {
         let b: CreateBody = body(req)?;
-        let v = self
-            .store()
-            .create(&b.name, b.size)
-            .map_err(Self::edit_error)?;
-        Ok(Response::json(201, &volume_json(&v, None)))
-    }
-
-    fn grow(&self, name: &str, req: &Request) -> Result<Response, Response> {
-        let b: GrowBody = body(req)?;
-        if self.attached().contains_key(name) {
+        let mut stores = self.stores();
+        // Names are unique across the card, not only within a store.
+        if stores.find(&b.name).is_some() {
             return Err(Response::error(
                 409,
-                format!("Volume {name} is attached; detach before growing"),
+                format!("Volume {} already exists", b.name),
             ));
         }
-        let v = self.store().grow(name, b.size).map_err(Self::edit_error)?;
-        Ok(Response::json(200, &volume_json(&v, None)))
+        let i = match &b.store {
+            Some(s) => stores
+                .by_name(s)
+                .ok_or_else(|| Response::error(400, format!("No backing store {s}")))?,
+            None => stores.roomiest(),
+        };
+        let store = stores.get_mut(i);
+        let v = store
+            .table
+            .create(&b.name, b.size)
+            .map_err(Self::edit_error)?;
+        Ok(Response::json(201, &volume_json(&v, &store.name(), None)))
+    }
+
+    /// Grows a volume; an attached one grows live: its device takes the new extents and the
+    /// front end is told to read the capacity again.
+    fn grow(&self, name: &str, req: &Request) -> Result<Response, Response> {
+        let b: GrowBody = body(req)?;
+        let mut stores = self.stores();
+        let (i, _) = stores.find(name).ok_or_else(|| no_volume(name))?;
+        let attached = self.attached();
+        let store = stores.get_mut(i);
+        let v = store.table.grow(name, b.size).map_err(Self::edit_error)?;
+        let store_name = store.name();
+        drop(stores);
+        let Some(a) = attached.get(name) else {
+            return Ok(Response::json(200, &volume_json(&v, &store_name, None)));
+        };
+        a.dev.grow(v.clone()).map_err(|e| {
+            Response::error(
+                500,
+                format!("Grown on the store but not live: {}", chain(&e)),
+            )
+        })?;
+        let mut out = volume_json(&v, &store_name, Some(a));
+        match a.server.config_changed() {
+            Ok(told) => out["front_end_notified"] = json!(told),
+            Err(e) => {
+                log::warn!("Cannot tell the front end of {name} its new size: {e}");
+                out["front_end_notified"] = json!(false);
+                out["notify_error"] = json!(e.to_string());
+            }
+        }
+        Ok(Response::json(200, &out))
     }
 
     fn delete(&self, name: &str) -> Result<Response, Response> {
+        let mut stores = self.stores();
+        let (i, _) = stores.find(name).ok_or_else(|| no_volume(name))?;
         if self.attached().contains_key(name) {
             return Err(Response::error(409, format!("Volume {name} is attached")));
         }
-        self.store().delete(name).map_err(Self::edit_error)?;
+        stores
+            .get_mut(i)
+            .table
+            .delete(name)
+            .map_err(Self::edit_error)?;
         Ok(Response::empty())
     }
 
@@ -274,12 +350,11 @@ impl Card {
             k.zeroize();
         }
         let key = key.map_err(|e| Response::error(400, e))?;
-        let volume = self
-            .store()
-            .table()
-            .volume(name)
-            .cloned()
-            .ok_or_else(|| Response::error(404, format!("No volume {name}")))?;
+        // Held until the device exists, so that no grow slips in between.
+        let stores = self.stores();
+        let (i, volume) = stores.find(name).ok_or_else(|| no_volume(name))?;
+        let volume = volume.clone();
+        let backing = stores.get(i).backing.clone();
         let mut attached = self.attached();
         if attached.contains_key(name) {
             return Err(Response::error(
@@ -287,7 +362,7 @@ impl Card {
                 format!("Volume {name} is already attached"),
             ));
         }
-        let dev = VolumeDevice::new(volume, self.backing.clone(), key, limits(b.qos))
+        let dev = VolumeDevice::new(volume, backing, key, limits(b.qos))
             .map_err(|e| Response::error(400, chain(&e)))?;
         let dev = Arc::new(dev);
         let server = Server::start(dev.clone(), &b.socket, b.queues)
@@ -392,6 +467,7 @@ mod tests {
             .map(|l| l.trim().trim_end_matches(':'))
             .collect();
         let routed = [
+            "/stores",
             "/volumes",
             "/volumes/{name}",
             "/volumes/{name}/attachment",

@@ -1,5 +1,5 @@
-//! Shared by the card API tests (`api.rs`, `net_api.rs`): `outboard-card serve` on a fresh,
-//! formatted backing file, and a one-request HTTP client for its socket.
+//! Shared by the card API tests (`api.rs`, `net_api.rs`, `stores.rs`): `outboard-card serve` on
+//! fresh, formatted backing files, and a one-request HTTP client for its socket.
 
 #![allow(dead_code)]
 
@@ -29,24 +29,50 @@ impl Drop for Daemon {
 
 /// Serves a freshly formatted `store_mib` MiB backing file; returns once the API answers.
 pub fn start(tag: &str, store_mib: u64) -> Daemon {
+    let dir = fresh_dir(tag);
+    let store = dir.join("store");
+    format(&store, store_mib);
+    serve(dir, &[store])
+}
+
+/// A new empty directory for one test.
+pub fn fresh_dir(tag: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("outboard-card-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let store = dir.join("store");
-    std::fs::File::create(&store)
+    dir
+}
+
+/// Creates a `mib` MiB file at `store` and writes an empty volume table to it.
+pub fn format(store: &Path, mib: u64) {
+    std::fs::File::create(store)
         .unwrap()
-        .set_len(store_mib << 20)
+        .set_len(mib << 20)
         .unwrap();
     let out = Command::new(CARD)
         .args(["volume", "--backing", store.to_str().unwrap(), "format"])
         .output()
         .unwrap();
     assert!(out.status.success());
-    let child = Command::new(CARD)
-        .args(["serve", "--backing", store.to_str().unwrap(), "--api"])
-        .arg(dir.join("api.sock"))
+}
+
+fn serve_command(dir: &Path, stores: &[PathBuf]) -> Command {
+    let mut cmd = Command::new(CARD);
+    cmd.arg("serve");
+    for s in stores {
+        cmd.arg("--backing").arg(s);
+    }
+    cmd.arg("--api").arg(dir.join("api.sock"));
+    cmd
+}
+
+/// Serves `stores` with the API socket in `dir` (removed with the daemon); returns once the
+/// API answers.
+pub fn serve(dir: PathBuf, stores: &[PathBuf]) -> Daemon {
+    let _ = std::fs::remove_file(dir.join("api.sock"));
+    let child = serve_command(&dir, stores)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -61,6 +87,13 @@ pub fn start(tag: &str, store_mib: u64) -> Daemon {
         std::thread::sleep(Duration::from_millis(20));
     }
     d
+}
+
+/// Runs `serve` expecting it to refuse to start; returns its stderr.
+pub fn serve_fails(dir: &Path, stores: &[PathBuf]) -> String {
+    let out = serve_command(dir, stores).output().unwrap();
+    assert!(!out.status.success(), "serve started with {stores:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Sends `request` as is; returns the status and the body.
