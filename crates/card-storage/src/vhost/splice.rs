@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  front end ══ socket ══► splice ──► GET/SET_INFLIGHT_FD: answered here (region → Slot)
-//!      ▲                     │ └────► SET_VRING_KICK: relayed, then kicked once (resubmit)
+//!      ▲                     │ └────► SET_VRING_KICK: relayed, then kicked once (restart)
 //!      │                     │ └────► SET_BACKEND_REQ_FD: relayed, a copy kept (config_change)
 //!      │                     └──────► everything else: relayed as is ──► VhostUserDaemon
 //!      └──────────── replies (relayed as is) ◄──────────────────────────────────┘
@@ -82,21 +82,14 @@ impl Front {
                     if req == config_change::SET_BACKEND_REQ_FD {
                         config_change::keep(&self.backend_req, &msg);
                     }
-                    let kick = (req == SET_VRING_KICK)
-                        .then(|| inflight_kick(&msg))
-                        .flatten();
+                    let kick = (req == SET_VRING_KICK).then(|| kick_fd(&msg)).flatten();
                     send(&self.inner, &msg)?;
-                    // The first kick after (re)connecting makes the queue's worker resubmit
-                    // what the region says was in flight, without waiting for the guest.
+                    // A kick right after the ring starts makes its worker resubmit what the
+                    // inflight region says was in flight, take what the driver made available
+                    // while no card listened (its kicks went nowhere) and notify once for what
+                    // a killed card published silently, all without waiting for the guest.
                     if let Some(mut k) = kick {
-                        if self
-                            .slot
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .is_some()
-                        {
-                            let _ = k.write_all(&1u64.to_ne_bytes());
-                        }
+                        let _ = k.write_all(&1u64.to_ne_bytes());
                     }
                 }
             }
@@ -153,7 +146,7 @@ impl Front {
 }
 
 /// A copy of SET_VRING_KICK's eventfd, to kick the queue ourselves.
-fn inflight_kick(msg: &Msg) -> Option<File> {
+fn kick_fd(msg: &Msg) -> Option<File> {
     let v = u64::from_le_bytes(msg.payload().get(..8)?.try_into().ok()?);
     if v & VRING_NOFD != 0 {
         return None;
