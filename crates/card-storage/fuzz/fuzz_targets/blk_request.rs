@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(p.pieces.iter().map(|x| u64::from(x.len)).sum::<u64>(), range.len);
                 }
             }
-            Op::Discard(rs) | Op::WriteZeroes(rs) => assert!(rs.iter().all(|r| r.offset + r.len <= CAPACITY)),
+            Op::Discard(rs) | Op::WriteZeroes { ranges: rs, .. } => assert!(rs.iter().all(|r| r.offset + r.len <= CAPACITY)),
             _ => {}
         }
     }

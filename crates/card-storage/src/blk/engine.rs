@@ -7,8 +7,11 @@
 //!   ([`Engine::use_guest_memory`]) and the buffers meet O_DIRECT alignment; otherwise through
 //!   a bounce buffer.
 //! - Encrypted volumes: guest memory is never encrypted in place and never handed to the
-//!   kernel: writes are copied into an aligned bounce buffer and encrypted there; reads land in
-//!   a bounce buffer and are decrypted after completion, then copied to the guest.
+//!   kernel: writes are encrypted straight from guest memory into an aligned bounce buffer;
+//!   reads land in a bounce buffer and are decrypted after completion straight into guest
+//!   memory ([`super::crypt`]: XTS out of place, one pass over the data each way).
+//! - WRITE_ZEROES: fallocate on plain volumes, encrypted zeros in bounded chunks otherwise
+//!   ([`zeroes`]).
 //!
 //! ```text
 //!  enqueue(head, parsed) ──► throttled FIFO ──admit──► dispatch: SQEs pushed (one per extent
@@ -29,6 +32,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 use vm_memory::{Bytes, GuestMemory, Permissions};
 
+use super::crypt::{self, Scratch};
 use super::device::{Counters, VolumeDevice};
 use super::direct::{self, Plan};
 use super::pool::BufPool;
@@ -67,10 +71,15 @@ struct Slot {
     /// Pieces (SQEs) still in flight.
     pending: u32,
     failed: bool,
+    /// A WRITE_ZEROES request's progress.
+    zeroing: Option<zeroes::ZeroJob>,
 }
 
 /// Size of each worker's submission queue.
 pub const RING_ENTRIES: u32 = 256;
+/// Most bounce-buffer bytes one WRITE_ZEROES request holds at a time (and the size of the
+/// shared zero buffer).
+pub const ZERO_CHUNK: usize = 1 << 20;
 
 /// One worker's request executor for one volume.
 pub struct Engine {
@@ -88,6 +97,12 @@ pub struct Engine {
     /// Guest memory lent by the caller, and the address of the `M` inside it.
     owner: Option<(MemoryOwner, usize)>,
     mem_align: usize,
+    /// Data units split across guest buffers pass through here (wiped after each request).
+    scratch: Scratch,
+    /// Which fallocate modes the store refused (shared by the device's engines).
+    zeroes: Arc<zeroes::ZeroSupport>,
+    /// Zeros the kernel writes from (plain) or XTS encrypts from; never written.
+    zero_buf: Option<AlignedBuf>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -112,6 +127,7 @@ impl Engine {
         let xts = dev.key().map(Xts::new).transpose().map_err(Error::Xts)?;
         let fd = dev.backing().file().as_raw_fd();
         let mem_align = dev.backing().mem_align();
+        let zeroes = zeroes::support_for(&dev);
         Ok(Self {
             dev,
             ring,
@@ -125,6 +141,9 @@ impl Engine {
             pool: BufPool::default(),
             owner: None,
             mem_align,
+            scratch: crypt::scratch(),
+            zeroes,
+            zero_buf: None,
         })
     }
 
@@ -149,6 +168,12 @@ impl Engine {
     /// The device this engine serves.
     pub fn device(&self) -> &Arc<VolumeDevice> {
         &self.dev
+    }
+
+    /// What the store accepts for WRITE_ZEROES (tests force the fallback through it).
+    #[cfg(test)]
+    pub(crate) fn zero_support(&self) -> &zeroes::ZeroSupport {
+        &self.zeroes
     }
 
     fn counters(&self) -> &Counters {
@@ -243,6 +268,7 @@ impl Engine {
             direct: None,
             pending: 0,
             failed: false,
+            zeroing: None,
         };
         match self.free.pop() {
             Some(i) => {
@@ -291,18 +317,18 @@ impl Engine {
                     return self.rw_direct(mem, head, req, d, true);
                 }
                 let mut buf = self.pool.get(range.len as usize);
-                let len = range.len as usize;
-                if gather(mem, data, &mut buf.as_mut_slice()[..len]).is_err() {
+                let out = &mut buf.as_mut_slice()[..range.len as usize];
+                let ok = match self.xts.as_mut() {
+                    Some(x) => {
+                        let first = range.offset / SECTOR as u64;
+                        crypt::encrypt_from_guest(x, mem, data, first, out, &mut self.scratch)
+                            .is_ok()
+                    }
+                    None => gather(mem, data, out).is_ok(),
+                };
+                if !ok {
                     self.pool.put(buf);
                     return self.complete_now(mem, head, &req, S_IOERR, 0);
-                }
-                if let Some(x) = self.xts.as_mut() {
-                    if x.encrypt(range.offset / SECTOR as u64, &mut buf.as_mut_slice()[..len])
-                        .is_err()
-                    {
-                        self.pool.put(buf);
-                        return self.complete_now(mem, head, &req, S_IOERR, 0);
-                    }
                 }
                 let ptr = buf.as_mut_ptr();
                 let idx = self.slot(head, req, Some(buf));
@@ -373,24 +399,9 @@ impl Engine {
                 self.push(idx, 0, sqe);
             }
             Op::Read { .. } | Op::Write { .. } => self.dispatch(mem, head, req),
-            Op::WriteZeroes(ranges) => {
-                let total: u64 = ranges.iter().map(|r| r.len).sum();
-                let mut buf = self.pool.get(total as usize);
-                // A pooled buffer holds stale bytes.
-                buf.as_mut_slice()[..total as usize].fill(0);
-                if let Some(x) = self.xts.as_mut() {
-                    let mut at = 0usize;
-                    for r in &ranges {
-                        let chunk = &mut buf.as_mut_slice()[at..at + r.len as usize];
-                        if x.encrypt(r.offset / SECTOR as u64, chunk).is_err() {
-                            return self.complete_now(mem, head, &req, S_IOERR, 0);
-                        }
-                        at += r.len as usize;
-                    }
-                }
-                let ptr = buf.as_mut_ptr();
-                let idx = self.slot(head, req, Some(buf));
-                self.rw(mem, idx, &ranges, ptr, true);
+            Op::WriteZeroes { .. } => {
+                let idx = self.slot(head, req, None);
+                self.dispatch_zeroes(mem, idx);
             }
             Op::Discard(ranges) => {
                 let idx = self.slot(head, req, None);
@@ -457,8 +468,9 @@ impl Engine {
         loop {
             // SAFETY: every buffer an SQE points to is owned by slot `idx` (a bounce buffer, or
             // iovecs into guest memory whose mapping the slot keeps alive through its owner
-            // Arc), and the slot is freed only after all its pieces have completed (Drop waits
-            // for in-flight pieces), so the memory stays valid for the kernel throughout.
+            // Arc) or by the engine (its zero buffer), and neither is freed before all the
+            // pieces have completed (Drop waits for in-flight pieces), so the memory stays valid
+            // for the kernel throughout.
             let pushed = unsafe { self.ring.submission().push(&sqe) };
             if pushed.is_ok() {
                 break;
@@ -519,7 +531,9 @@ impl Engine {
             };
             // Pieces complete whole or not at all: the volume lies inside the store, so a short
             // transfer means the store changed under us, and is an I/O error like any other.
-            if res != expect {
+            let refused = res < 0 && slot.zeroing.as_mut().is_some_and(|z| z.refusal(res));
+            // A refused fallocate mode is not a failure: the request goes on another way.
+            if res != expect && !refused {
                 if res < 0 {
                     log::warn!(
                         "I/O on {:?} failed: {}",
@@ -532,7 +546,11 @@ impl Engine {
             slot.pending -= 1;
             if slot.pending == 0 {
                 self.inflight -= 1;
-                self.finish(mem, idx);
+                if slot.zeroing.is_some() {
+                    self.zeroes_progress(mem, idx);
+                } else {
+                    self.finish(mem, idx);
+                }
             }
         }
         self.pump(mem);
@@ -555,16 +573,16 @@ impl Engine {
                 Counters::add(&c.read_bytes, range.len);
             }
             Op::Read { range, data } if !slot.failed => {
-                let buf = slot.buf.as_mut().expect("bounced reads have a buffer");
-                let len = range.len as usize;
-                if let Some(x) = self.xts.as_mut() {
-                    if x.decrypt(range.offset / SECTOR as u64, &mut buf.as_mut_slice()[..len])
-                        .is_err()
-                    {
-                        code = S_IOERR;
+                let buf = slot.buf.as_ref().expect("bounced reads have a buffer");
+                let src = &buf.as_slice()[..range.len as usize];
+                let ok = match self.xts.as_mut() {
+                    Some(x) => {
+                        let first = range.offset / SECTOR as u64;
+                        crypt::decrypt_to_guest(x, mem, data, first, src, &mut self.scratch).is_ok()
                     }
-                }
-                if code == S_OK && scatter(mem, data, &buf.as_slice()[..len]).is_ok() {
+                    None => scatter(mem, data, src).is_ok(),
+                };
+                if ok {
                     data_len = range.len as u32;
                     Counters::add(&c.read_ops, 1);
                     Counters::add(&c.read_bytes, range.len);
@@ -578,7 +596,7 @@ impl Engine {
             }
             Op::Flush if !slot.failed => Counters::add(&c.flushes, 1),
             Op::Discard(_) if !slot.failed => Counters::add(&c.discards, 1),
-            Op::WriteZeroes(_) if !slot.failed => Counters::add(&c.write_zeroes, 1),
+            Op::WriteZeroes { .. } if !slot.failed => Counters::add(&c.write_zeroes, 1),
             _ => {}
         }
         if let Some(buf) = slot.buf.take() {
@@ -595,7 +613,9 @@ fn throttle_cost(op: &Op) -> Option<(Direction, u64)> {
     match op {
         Op::Read { range, .. } => Some((Direction::Read, range.len)),
         Op::Write { range, .. } => Some((Direction::Write, range.len)),
-        Op::WriteZeroes(r) => Some((Direction::Write, r.iter().map(|r| r.len).sum())),
+        Op::WriteZeroes { ranges, .. } => {
+            Some((Direction::Write, ranges.iter().map(|r| r.len).sum()))
+        }
         Op::Discard(_) => Some((Direction::Write, 0)),
         Op::Flush | Op::GetId { .. } => None,
     }
@@ -617,6 +637,7 @@ impl Drop for Engine {
                         std::mem::forget(slot.buf.take());
                         std::mem::forget(slot.direct.take());
                     }
+                    std::mem::forget(self.zero_buf.take());
                     return;
                 }
             }
@@ -627,3 +648,4 @@ impl Drop for Engine {
 
 #[cfg(test)]
 mod tests;
+mod zeroes;

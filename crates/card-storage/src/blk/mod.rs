@@ -3,6 +3,7 @@
 //! - [`request`]: turns a guest descriptor chain into a validated [`request::Request`].
 //! - [`engine`]: executes requests for one worker thread: throttling, XTS, io_uring.
 
+pub mod crypt;
 pub mod device;
 pub mod direct;
 pub mod engine;

@@ -74,7 +74,12 @@ pub enum Op {
         len: u32,
     },
     Discard(Vec<Range>),
-    WriteZeroes(Vec<Range>),
+    /// Zero `ranges`; `unmap`: every segment allowed the device to deallocate them (reads must
+    /// still return zeros).
+    WriteZeroes {
+        ranges: Vec<Range>,
+        unmap: bool,
+    },
 }
 
 /// A validated request.
@@ -208,8 +213,8 @@ pub fn parse<M: GuestMemory>(
                 return fail(S_IOERR);
             }
             match parse_ranges(mem, &rest, data_out, capacity, kind == T_DISCARD) {
-                Ok(r) if kind == T_DISCARD => Op::Discard(r),
-                Ok(r) => Op::WriteZeroes(r),
+                Ok((r, _)) if kind == T_DISCARD => Op::Discard(r),
+                Ok((ranges, unmap)) => Op::WriteZeroes { ranges, unmap },
                 Err(code) => return fail(code),
             }
         }
@@ -297,19 +302,21 @@ fn data_range(sector: u64, len: u64, capacity: u64) -> Option<Range> {
     ok.then_some(Range { offset, len })
 }
 
+/// The ranges of a discard or write-zeroes request, and whether every one carries UNMAP.
 fn parse_ranges<M: GuestMemory>(
     mem: &M,
     segs: &[Segment],
     len: u64,
     capacity: u64,
     discard: bool,
-) -> Result<Vec<Range>, u8> {
+) -> Result<(Vec<Range>, bool), u8> {
     if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_RANGES as u64 {
         return Err(S_IOERR);
     }
     let mut raw = vec![0u8; len as usize];
     gather(mem, segs, &mut raw).map_err(|_| S_IOERR)?;
     let mut out = Vec::with_capacity(raw.len() / 16);
+    let mut unmap = true;
     for r in raw.chunks_exact(16) {
         let sector = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
         let sectors = u32::from_le_bytes(r[8..12].try_into().expect("4 bytes"));
@@ -323,9 +330,10 @@ fn parse_ranges<M: GuestMemory>(
         if range.len > MAX_RANGE_BYTES {
             return Err(S_IOERR);
         }
+        unmap &= flags & F_UNMAP != 0;
         out.push(range);
     }
-    Ok(out)
+    Ok((out, unmap))
 }
 
 #[cfg(test)]

@@ -8,13 +8,23 @@
 //!
 //! Key material lives in [`XtsKey`] (zeroized on drop, redacted in `Debug`) and in OpenSSL's
 //! context, which OpenSSL cleanses when the context is freed.
+//!
+//! Besides in place, a unit can go out of place between guest memory (a vm-memory
+//! [`VolatileSlice`]) and one of our buffers: [`Xts::encrypt_from_volatile`] and
+//! [`Xts::decrypt_into_volatile`]. The guest may change its memory while the cipher runs, so Rust
+//! never references it: the cipher gets raw pointers, and whatever bytes it reads only change
+//! what it writes (its memory accesses do not depend on the data).
 
 use std::fmt;
+use std::os::raw::c_int;
 use std::time::Instant;
 
+use foreign_types::ForeignTypeRef;
 use openssl::cipher::Cipher;
-use openssl::cipher_ctx::CipherCtx;
+use openssl::cipher_ctx::{CipherCtx, CipherCtxRef};
 use openssl::error::ErrorStack;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Bytes in a volume key: two AES-256 keys.
@@ -137,6 +147,75 @@ impl Xts {
         Ok(())
     }
 
+    /// Decrypts whole sectors from `src` into `dst` (same length), leaving `src` untouched.
+    pub fn decrypt_to(&mut self, first: u64, src: &[u8], dst: &mut [u8]) -> Result<(), Error> {
+        check_len(src.len())?;
+        if dst.len() != src.len() {
+            return Err(Error::Length(dst.len()));
+        }
+        for (i, (s, d)) in src
+            .chunks_exact(SECTOR)
+            .zip(dst.chunks_exact_mut(SECTOR))
+            .enumerate()
+        {
+            self.dec
+                .decrypt_init(None, None, Some(&tweak(first.wrapping_add(i as u64))))
+                .map_err(Error::OpenSsl)?;
+            // SAFETY: `s` and `d` are distinct Rust slices of the same length, valid for the
+            // call.
+            unsafe { update_raw(&mut self.dec, s.as_ptr(), d.as_mut_ptr(), s.len()) }?;
+        }
+        Ok(())
+    }
+
+    /// Encrypts one data unit (any length ≥ 16) with tweak `unit` from guest memory `src` into
+    /// `dst` (same length): how guest data goes into a bounce buffer without a copy. Bytes the
+    /// guest changes meanwhile change only the ciphertext.
+    pub fn encrypt_from_volatile<B: BitmapSlice>(
+        &mut self,
+        unit: u64,
+        src: &VolatileSlice<'_, B>,
+        dst: &mut [u8],
+    ) -> Result<(), Error> {
+        check_unit(src.len())?;
+        if dst.len() != src.len() {
+            return Err(Error::Length(dst.len()));
+        }
+        self.enc
+            .encrypt_init(None, None, Some(&tweak(unit)))
+            .map_err(Error::OpenSsl)?;
+        let guard = src.ptr_guard();
+        // SAFETY: the guard's pointer is valid for reads of `src.len()` bytes while the guard and
+        // the slice live (vm-memory's VolatileSlice contract: the mapping outlives the slice);
+        // `dst` is our own exclusive slice of that length, outside guest memory, so the two do
+        // not overlap.
+        unsafe { update_raw(&mut self.enc, guard.as_ptr(), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Decrypts one data unit with tweak `unit` from `src` straight into guest memory `dst`
+    /// (same length), marking it dirty.
+    pub fn decrypt_into_volatile<B: BitmapSlice>(
+        &mut self,
+        unit: u64,
+        src: &[u8],
+        dst: &VolatileSlice<'_, B>,
+    ) -> Result<(), Error> {
+        check_unit(src.len())?;
+        if dst.len() != src.len() {
+            return Err(Error::Length(dst.len()));
+        }
+        self.dec
+            .decrypt_init(None, None, Some(&tweak(unit)))
+            .map_err(Error::OpenSsl)?;
+        let guard = dst.ptr_guard_mut();
+        // SAFETY: the guard's pointer is valid for writes of `dst.len()` bytes while the guard
+        // and the slice live (VolatileSlice contract); `src` is our own slice of that length,
+        // outside guest memory. Rust holds no reference to the guest bytes being written.
+        unsafe { update_raw(&mut self.dec, src.as_ptr(), guard.as_ptr(), src.len()) }?;
+        dst.bitmap().mark_dirty(0, dst.len());
+        Ok(())
+    }
+
     /// Decrypts whole sectors in place.
     pub fn decrypt(&mut self, first: u64, data: &mut [u8]) -> Result<(), Error> {
         check_len(data.len())?;
@@ -150,6 +229,45 @@ impl Xts {
 fn check_len(len: usize) -> Result<(), Error> {
     if !len.is_multiple_of(SECTOR) {
         return Err(Error::Length(len));
+    }
+    Ok(())
+}
+
+/// A data unit the cipher accepts: at least one AES block, and a length OpenSSL can take.
+fn check_unit(len: usize) -> Result<(), Error> {
+    if len < 16 || c_int::try_from(len).is_err() {
+        return Err(Error::Length(len));
+    }
+    Ok(())
+}
+
+/// Runs `len` bytes (one data unit, the tweak already set) through `ctx` from `src` to `dst`.
+///
+/// Raw pointers rather than slices, because either side may be guest memory that Rust must not
+/// reference while the guest can change it.
+///
+/// # Safety
+///
+/// `src` must be valid for reads and `dst` for writes of `len` bytes for the duration of the
+/// call, and the two ranges must not overlap (memory the guest changes concurrently is fine).
+unsafe fn update_raw(
+    ctx: &mut CipherCtxRef,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+) -> Result<(), Error> {
+    let inl = c_int::try_from(len).map_err(|_| Error::Length(len))?;
+    let mut outl: c_int = 0;
+    // SAFETY: `ctx` is a live context initialised for XTS, borrowed exclusively; the caller
+    // guarantees both ranges. XTS writes exactly `inl` bytes for a whole unit (no buffered
+    // tail), and its memory accesses never depend on the data, so any bytes a guest puts in
+    // `src` meanwhile only change the output.
+    let ok = unsafe { openssl_sys::EVP_CipherUpdate(ctx.as_ptr(), dst, &mut outl, src, inl) };
+    if ok != 1 {
+        return Err(Error::OpenSsl(ErrorStack::get()));
+    }
+    if outl != inl {
+        return Err(Error::Length(usize::try_from(outl).unwrap_or(0)));
     }
     Ok(())
 }

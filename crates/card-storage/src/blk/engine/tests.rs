@@ -441,3 +441,5 @@ fn plain_volume_goes_zero_copy_when_lent_aligned_guest_memory() {
     assert_eq!(read(&mut e, &mem, 0, 16384), (S_OK, data));
     assert_eq!(dev.counters.snapshot().zero_copy, 0);
 }
+
+mod zeroes;

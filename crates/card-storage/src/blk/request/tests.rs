@@ -346,7 +346,17 @@ fn discard_and_write_zeroes() {
     assert!(matches!(
         p,
         Parsed::Ok(Request {
-            op: Op::WriteZeroes(_),
+            op: Op::WriteZeroes { unmap: true, .. },
+            ..
+        })
+    ));
+    // UNMAP holds only if every segment allows it.
+    let d = ranges(&m, 0x6000, &[(8, 8, F_UNMAP), (24, 8, 0)]);
+    let p = parse([header(&m, 0, T_WRITE_ZEROES, 0), d, w(0x9000, 1)], &m, CAP);
+    assert!(matches!(
+        p,
+        Parsed::Ok(Request {
+            op: Op::WriteZeroes { unmap: false, .. },
             ..
         })
     ));
@@ -437,7 +447,7 @@ fn random_chains_never_panic() {
                 Op::Read { range, .. } | Op::Write { range, .. } => {
                     assert!(range.offset + range.len <= CAP)
                 }
-                Op::Discard(rs) | Op::WriteZeroes(rs) => {
+                Op::Discard(rs) | Op::WriteZeroes { ranges: rs, .. } => {
                     assert!(rs.iter().all(|r| r.offset + r.len <= CAP))
                 }
                 _ => {}
