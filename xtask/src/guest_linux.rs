@@ -4,8 +4,10 @@
 //! - kernel: the `-unsigned` form of the package `linux-image-cloud-amd64` depends on, with only
 //!   the virtio modules (and what they depend on per `modules.dep`) in the image;
 //! - `busybox-static` for the init (`guest/linux/init`) and every tool the scripts use;
-//! - `fio` with exactly the shared libraries its ELF files need, found by reading `DT_NEEDED`
-//!   and fetching the `Depends` of the package that lacks one until nothing is missing;
+//! - `fio`, and util-linux's `fallocate` (busybox's has no mode flags: `-z` and `-p` on a disk
+//!   are the kernel's WRITE_ZEROES without and with unmap), with exactly the shared libraries
+//!   their ELF files need, found by reading `DT_NEEDED` and fetching the `Depends` of the
+//!   package that lacks one until nothing is missing; only those files of util-linux ship;
 //! - guest scripts: each `guest/linux/scripts/<name>.sh` ships as `/outboard/scripts/<name>.sh`
 //!   and runs with `outboard.run=<name>` on the kernel command line.
 //!
@@ -30,6 +32,10 @@ use std::time::Instant;
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 const BUSYBOX: &str = "busybox-static";
 const FIO: &str = "fio";
+const UTIL_LINUX: &str = "util-linux";
+/// The dynamically linked tools shipped (each found in the package trees with its libraries);
+/// they shadow busybox applets of the same name.
+const TOOLS: &[&str] = &["/usr/bin/fio", "/usr/bin/fallocate"];
 /// The modules the init loads (with their dependencies): virtio over PCI for disks, NICs and
 /// vsock, plus two cheap extras (entropy, a second console) later guests may use.
 const MODULES: &[&str] = &[
@@ -78,9 +84,14 @@ pub fn build() -> Result<()> {
         apt::tool(tool, package)?;
     }
 
-    println!("xtask guest: resolving {KERNEL_META}, {BUSYBOX} and {FIO}");
+    println!("xtask guest: resolving {KERNEL_META}, {BUSYBOX}, {FIO} and {UTIL_LINUX}");
     let kernel_name = kernel_package()?;
-    let roots = apt::resolve(&[kernel_name.clone(), BUSYBOX.to_string(), FIO.to_string()])?;
+    let roots = apt::resolve(&[
+        kernel_name.clone(),
+        BUSYBOX.to_string(),
+        FIO.to_string(),
+        UTIL_LINUX.to_string(),
+    ])?;
     let package = |name: &str| {
         roots
             .iter()
@@ -88,7 +99,8 @@ pub fn build() -> Result<()> {
             .cloned()
             .context("Unresolved package")
     };
-    let (kernel, busybox, fio) = (package(&kernel_name)?, package(BUSYBOX)?, package(FIO)?);
+    let (kernel, busybox) = (package(&kernel_name)?, package(BUSYBOX)?);
+    let (fio, util_linux) = (package(FIO)?, package(UTIL_LINUX)?);
 
     let stamp_path = out.join("linux.stamp");
     let outputs = [out.join("vmlinuz"), out.join("initramfs.img")];
@@ -116,8 +128,11 @@ pub fn build() -> Result<()> {
     let mut archive = cpio::Archive::default();
     let release = add_kernel_modules(&mut archive, &tree(&kernel))?;
     add_base(&mut archive, &tree(&busybox), &source, &release, &roots)?;
-    let (lib_packages, fetched) =
-        add_fio(&mut archive, &debs, &unpacked, (fio.clone(), tree(&fio)))?;
+    let tools = vec![
+        (fio.clone(), tree(&fio)),
+        (util_linux.clone(), tree(&util_linux)),
+    ];
+    let (lib_packages, fetched) = add_tools(&mut archive, &debs, &unpacked, tools)?;
 
     println!("xtask guest: writing initramfs.img");
     let initramfs = write_initramfs(&archive, &out)?;
@@ -418,7 +433,7 @@ fn lexical_normalise(path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
-/// The files fio needs at run time, or the libraries still missing and who needs them.
+/// The files the [`TOOLS`] need at run time, or the libraries still missing and who needs them.
 struct Closure {
     /// guest path → host file
     files: BTreeMap<String, PathBuf>,
@@ -426,13 +441,13 @@ struct Closure {
     missing: Vec<(String, Package)>,
 }
 
-fn fio_closure(trees: &Trees) -> Result<Closure> {
+fn tools_closure(trees: &Trees) -> Result<Closure> {
     let mut closure = Closure {
         files: BTreeMap::new(),
         packages: BTreeSet::new(),
         missing: Vec::new(),
     };
-    let mut queue = vec!["/usr/bin/fio".to_string()];
+    let mut queue: Vec<String> = TOOLS.iter().map(|t| t.to_string()).collect();
     while let Some(guest_path) = queue.pop() {
         if closure.files.contains_key(&guest_path) {
             continue;
@@ -468,19 +483,20 @@ fn fio_closure(trees: &Trees) -> Result<Closure> {
     Ok(closure)
 }
 
-/// Adds fio and its libraries, fetching the `Depends` of whichever package lacks a library
-/// until none is missing. Returns the library packages used (for the stamp) and every package
-/// fetched on the way.
-fn add_fio(
+/// Adds the [`TOOLS`] (from the packages `tools`) and their libraries, fetching the `Depends`
+/// of whichever package lacks a library until none is missing. Returns the library packages
+/// used (for the stamp) and every package fetched on the way.
+fn add_tools(
     archive: &mut cpio::Archive,
     debs: &Path,
     unpacked: &Path,
-    fio: (Package, PathBuf),
+    tools: Vec<(Package, PathBuf)>,
 ) -> Result<(Vec<Package>, Vec<Package>)> {
-    let mut trees = Trees(vec![fio.clone()]);
+    let roots: Vec<String> = tools.iter().map(|(p, _)| p.name.clone()).collect();
+    let mut trees = Trees(tools);
     let mut expanded = BTreeSet::new();
     let closure = loop {
-        let closure = fio_closure(&trees)?;
+        let closure = tools_closure(&trees)?;
         if closure.missing.is_empty() {
             break closure;
         }
@@ -489,10 +505,20 @@ fn add_fio(
             .iter()
             .map(|(_, p)| p.name.clone())
             .collect();
-        let to_expand: Vec<String> = lacking
-            .into_iter()
-            .filter(|name| expanded.insert(name.clone()))
-            .collect();
+        // One tool package at a time: the libraries fetched for one usually serve the next
+        // (util-linux depends on a dozen packages its fallocate does not need).
+        let mut root_taken = false;
+        let mut to_expand = Vec::new();
+        for name in lacking {
+            if expanded.contains(&name) {
+                continue;
+            }
+            let deferred = roots.contains(&name) && std::mem::replace(&mut root_taken, true);
+            if !deferred {
+                expanded.insert(name.clone());
+                to_expand.push(name);
+            }
+        }
         let mut wanted = Vec::new();
         for dep in apt::depends(&to_expand)?.into_values().flatten() {
             if !trees.0.iter().any(|(p, _)| p.name == dep) && !wanted.contains(&dep) {
@@ -527,11 +553,12 @@ fn add_fio(
     let libs: Vec<Package> = closure
         .packages
         .into_iter()
-        .filter(|p| p.name != fio.0.name)
+        .filter(|p| !roots.contains(&p.name))
         .collect();
     println!(
-        "xtask guest: fio with {} shared libraries from {} packages",
-        closure.files.len() - 1,
+        "xtask guest: {} with {} shared libraries from {} packages",
+        TOOLS.join(", "),
+        closure.files.len() - TOOLS.len(),
         libs.len()
     );
     Ok((libs, trees.0.into_iter().map(|(p, _)| p).collect()))

@@ -13,29 +13,13 @@ use std::time::Duration;
 
 use outboard_guest_harness::{marker, GuestCommand, GuestVm, Runner};
 
+mod common;
+
+use common::qemu_prerequisites;
+
 const CARD: &str = env!("CARGO_BIN_EXE_outboard-card");
 /// TCG boots in ~3 s; the client's ping wait and the fetch add a few more.
 const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn prerequisites(test: &str) -> bool {
-    let g = outboard_guest_harness::guest_dir();
-    if !g.join("vmlinuz").exists() || !g.join("initramfs.img").exists() {
-        eprintln!(
-            "SKIP: {test}: no guest image in {} (cargo xtask guest)",
-            g.display()
-        );
-        return false;
-    }
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP: {test}: qemu-system-x86_64 not installed");
-        return false;
-    }
-    true
-}
 
 struct Card(Child);
 
@@ -141,7 +125,7 @@ fn last_stats(log: &Path) -> std::collections::BTreeMap<String, String> {
 #[test]
 fn two_vms_talk_through_the_overlay_and_a_third_network_is_isolated() {
     const TEST: &str = "two_vms_talk_through_the_overlay_and_a_third_network_is_isolated";
-    if !prerequisites(TEST) {
+    if !qemu_prerequisites(TEST) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -7,53 +7,15 @@
 //! qemu-system-x86_64 and the guest image (`cargo xtask guest`); prints `SKIP:` where missing.
 
 use std::os::unix::fs::FileExt;
-use std::process::Command;
 use std::time::Duration;
 
-use outboard_guest_harness::{GuestCommand, GuestVm, Runner};
+use outboard_guest_harness::GuestVm;
 
 mod common;
 
-use common::{call, format, fresh_dir, serve};
+use common::{call, create_volume, linux_on_disks, qemu_prerequisites, shell, start};
 
 const MIB: u64 = 1 << 20;
-
-fn prerequisites() -> bool {
-    let g = outboard_guest_harness::guest_dir();
-    if !g.join("vmlinuz").exists() || !g.join("initramfs.img").exists() {
-        eprintln!(
-            "SKIP: no guest image in {} (run `cargo xtask guest`)",
-            g.display()
-        );
-        return false;
-    }
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP: qemu-system-x86_64 not installed");
-        return false;
-    }
-    true
-}
-
-/// Runs `cmd` in the guest shell, then prints `OUTBOARD_<tag> <value of $out>`; returns the
-/// value. The marker is typed split (`OUT""BOARD`) so the console's echo of the command line
-/// never matches it.
-fn shell(vm: &GuestVm, tag: &str, cmd: &str, timeout: Duration) -> String {
-    vm.send(&format!("{cmd}; echo OUT\"\"BOARD_{tag} \"$out\"\n"))
-        .unwrap();
-    let marker = format!("OUTBOARD_{tag} ");
-    let line = vm.wait_for_line(&marker, timeout).unwrap_or_else(|e| {
-        panic!(
-            "{e}\nserial:\n{}\nstderr:\n{}",
-            vm.lines().join("\n"),
-            vm.stderr()
-        )
-    });
-    line.split_once(&marker).unwrap().1.trim().to_owned()
-}
 
 /// fio with verify on `size_mib` MiB at `offset_mib` of /dev/vda, output to /tmp/fio.`tag`.
 fn fio_command(tag: &str, offset_mib: u64, size_mib: u64) -> String {
@@ -91,39 +53,19 @@ fn check_fio(vm: &GuestVm, tag: &str, cmd: &str, offset_mib: u64, size_mib: u64)
 
 #[test]
 fn a_linux_guest_sees_a_live_grow_and_uses_the_new_area() {
-    if !prerequisites() {
+    if !qemu_prerequisites("a_linux_guest_sees_a_live_grow_and_uses_the_new_area") {
         return;
     }
-    let dir = fresh_dir("qemu-grow");
-    let store = dir.join("store");
-    format(&store, 256);
-    let d = serve(dir, std::slice::from_ref(&store));
-    let create = |name: &str, mib: u64| {
-        let body = format!(r#"{{"name":"{name}","size":{}}}"#, mib * MIB);
-        let (st, v) = call(&d, "POST", "/volumes", &body);
-        assert_eq!(st, 201, "{v}");
-    };
-    create("g", 64);
+    let d = start("qemu-grow", 256);
+    let store = d.dir.join("store");
+    create_volume(&d, "g", 64);
     // A neighbour right behind g, so that the grown area is a second extent elsewhere.
-    create("n", 8);
+    create_volume(&d, "n", 8);
     let sock = d.dir.join("g.sock");
     let attach = format!(r#"{{"socket":"{}","queues":2}}"#, sock.display());
     assert_eq!(call(&d, "PUT", "/volumes/g/attachment", &attach).0, 201);
 
-    let vm = GuestCommand::linux(Runner::QemuTcg)
-        .shared_memory()
-        .args([
-            "-chardev",
-            &format!("socket,id=c0,path={}", sock.display()),
-            "-device",
-            "vhost-user-blk-pci,chardev=c0,num-queues=2",
-        ])
-        .spawn()
-        .unwrap();
-    vm.wait_for_ready(Duration::from_secs(300))
-        .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", vm.stderr()));
-    // Let the console shell start.
-    std::thread::sleep(Duration::from_secs(2));
+    let vm = linux_on_disks(&[&sock]);
     let before = shell(
         &vm,
         "SIZE",

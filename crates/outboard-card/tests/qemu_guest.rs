@@ -14,29 +14,9 @@ use outboard_card_storage::xts::{Xts, XtsKey, SECTOR};
 
 const CARD: &str = env!("CARGO_BIN_EXE_outboard-card");
 
-fn guest_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")
-}
+mod common;
 
-fn prerequisites() -> bool {
-    let g = guest_dir();
-    if !g.join("vmlinuz").exists() || !g.join("initramfs.img").exists() {
-        eprintln!(
-            "SKIP: no guest image in {} (run `cargo xtask guest`)",
-            g.display()
-        );
-        return false;
-    }
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP: qemu-system-x86_64 not installed");
-        return false;
-    }
-    true
-}
+use common::{blk_disk_args, qemu_prerequisites};
 
 /// A child process killed if a test fails while it runs (taken out to wait for it normally).
 struct Reap(Option<Child>);
@@ -50,21 +30,12 @@ impl Drop for Reap {
     }
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("outboard-card-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory for one test, removed when it ends.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("outboard-card-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 fn card(args: &[&str]) -> String {
@@ -122,8 +93,7 @@ fn qemu(sock: &Path, run: &str, extra: &str, reconnect: bool) -> Command {
 
 /// [`qemu`] where a guest reboot resets the machine (and the vhost-user device) instead.
 fn qemu_machine(sock: &Path, run: &str, extra: &str, reconnect: bool) -> Command {
-    let g = guest_dir();
-    let reconnect = if reconnect { ",reconnect=1" } else { "" };
+    let g = outboard_guest_harness::guest_dir();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-M", "q35", "-m", "512", "-nographic"])
         .args([
@@ -132,11 +102,7 @@ fn qemu_machine(sock: &Path, run: &str, extra: &str, reconnect: bool) -> Command
             "-numa",
             "node,memdev=mem",
         ])
-        .args([
-            "-chardev",
-            &format!("socket,id=c0,path={}{reconnect}", sock.display()),
-        ])
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
+        .args(blk_disk_args("c0", sock, reconnect))
         .arg("-kernel")
         .arg(g.join("vmlinuz"))
         .arg("-initrd")
@@ -167,9 +133,9 @@ fn fio_blocks(data: &[u8]) -> usize {
 }
 
 /// A store with volumes vm1 and vm2 (64 MiB each) and a key file.
-fn setup(dir: &TempDir) -> (PathBuf, PathBuf, Vec<u8>) {
-    let store = dir.0.join("store");
-    let key_path = dir.0.join("key");
+fn setup(dir: &tempfile::TempDir) -> (PathBuf, PathBuf, Vec<u8>) {
+    let store = dir.path().join("store");
+    let key_path = dir.path().join("key");
     std::fs::File::create(&store)
         .unwrap()
         .set_len(256 << 20)
@@ -251,13 +217,13 @@ fn fio_run_with(
 /// between the store and guest memory (zero copy), and the store holds fio's blocks as written.
 #[test]
 fn fio_verify_on_a_plain_volume_goes_zero_copy() {
-    if !prerequisites() {
+    if !qemu_prerequisites("fio_verify_on_a_plain_volume_goes_zero_copy") {
         return;
     }
-    let dir = TempDir::new("plain");
+    let dir = temp_dir("plain");
     let (store, _, _) = setup(&dir);
     let fio = "outboard.fio.size=16M outboard.fio.iodepth=16";
-    let (_, log) = fio_run_with(&store, "vm1", None, &dir.0.join("vm1.sock"), &[], fio);
+    let (_, log) = fio_run_with(&store, "vm1", None, &dir.path().join("vm1.sock"), &[], fio);
     let zero_copy: u64 = log
         .split("zero_copy=")
         .nth(1)
@@ -281,13 +247,20 @@ fn fio_verify_on_a_plain_volume_goes_zero_copy() {
 
 #[test]
 fn fio_verify_on_an_encrypted_volume() {
-    if !prerequisites() {
+    if !qemu_prerequisites("fio_verify_on_an_encrypted_volume") {
         return;
     }
-    let dir = TempDir::new("fio");
+    let dir = temp_dir("fio");
     let (store, key_path, key) = setup(&dir);
     let fio = "outboard.fio.size=16M outboard.fio.iodepth=16";
-    fio_run(&store, "vm1", &key_path, &dir.0.join("vm1.sock"), &[], fio);
+    fio_run(
+        &store,
+        "vm1",
+        &key_path,
+        &dir.path().join("vm1.sock"),
+        &[],
+        fio,
+    );
 
     // From outside: the volume's extent holds ciphertext only; decrypting it with the key
     // (XTS, tweak = 4 KiB sector) yields fio's verify blocks; vm2 was never touched.
@@ -319,10 +292,10 @@ fn fio_verify_on_an_encrypted_volume() {
 
 #[test]
 fn throttled_volume_still_verifies_and_is_paced() {
-    if !prerequisites() {
+    if !qemu_prerequisites("throttled_volume_still_verifies_and_is_paced") {
         return;
     }
-    let dir = TempDir::new("throttle");
+    let dir = temp_dir("throttle");
     let (store, key_path, _) = setup(&dir);
     // 4 MiB of 4 KiB writes then reads: 2048 I/Os at 200 IOPS take at least 10 s (the burst is
     // 20); excess I/O waits, it never fails.
@@ -331,7 +304,7 @@ fn throttled_volume_still_verifies_and_is_paced() {
         &store,
         "vm1",
         &key_path,
-        &dir.0.join("vm1.sock"),
+        &dir.path().join("vm1.sock"),
         &["--iops", "200"],
         "outboard.fio.size=4M outboard.fio.iodepth=16",
     );
@@ -342,20 +315,21 @@ fn throttled_volume_still_verifies_and_is_paced() {
 /// decrypts to fio data only with its own key, and neither holds plaintext.
 #[test]
 fn two_vms_are_isolated() {
-    if !prerequisites() {
+    if !qemu_prerequisites("two_vms_are_isolated") {
         return;
     }
-    let dir = TempDir::new("two");
+    let dir = temp_dir("two");
     let (store, key1_path, key1) = setup(&dir);
     let key2: Vec<u8> = (0..64u8)
         .map(|i| i.wrapping_mul(37).wrapping_add(191))
         .collect();
-    let key2_path = dir.0.join("key2");
+    let key2_path = dir.path().join("key2");
     std::fs::write(&key2_path, &key2).unwrap();
     let fio = "outboard.fio.size=8M outboard.fio.iodepth=8";
+    let (sock1, sock2) = (dir.path().join("vm1.sock"), dir.path().join("vm2.sock"));
     std::thread::scope(|s| {
-        let a = s.spawn(|| fio_run(&store, "vm1", &key1_path, &dir.0.join("vm1.sock"), &[], fio));
-        let b = s.spawn(|| fio_run(&store, "vm2", &key2_path, &dir.0.join("vm2.sock"), &[], fio));
+        let a = s.spawn(|| fio_run(&store, "vm1", &key1_path, &sock1, &[], fio));
+        let b = s.spawn(|| fio_run(&store, "vm2", &key2_path, &sock2, &[], fio));
         a.join().unwrap();
         b.join().unwrap();
     });
@@ -387,39 +361,28 @@ fn two_vms_are_isolated() {
 
 /// One HTTP request to the card's control API; returns (status, body).
 fn api(sock: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|x| x.1.to_owned())
-            .unwrap_or_default(),
-    )
+    common::raw(sock, req.as_bytes())
 }
 
 /// The daemon path: `outboard-card serve`, a volume created and attached (with a key and a
 /// QoS limit) through the REST API, a Linux guest verifying with fio, stats, detach.
 #[test]
 fn guest_on_a_volume_attached_through_the_api() {
-    if !prerequisites() {
+    if !qemu_prerequisites("guest_on_a_volume_attached_through_the_api") {
         return;
     }
-    let dir = TempDir::new("api");
-    let store = dir.0.join("store");
+    let dir = temp_dir("api");
+    let store = dir.path().join("store");
     std::fs::File::create(&store)
         .unwrap()
         .set_len(128 << 20)
         .unwrap();
     card(&["volume", "--backing", store.to_str().unwrap(), "format"]);
-    let api_sock = dir.0.join("api.sock");
+    let api_sock = dir.path().join("api.sock");
     let daemon = Command::new(CARD)
         .args(["serve", "--backing", store.to_str().unwrap(), "--api"])
         .arg(&api_sock)
@@ -440,7 +403,7 @@ fn guest_on_a_volume_attached_through_the_api() {
         .0,
         201
     );
-    let vm_sock = dir.0.join("vm1.sock");
+    let vm_sock = dir.path().join("vm1.sock");
     let key = "5a".repeat(32) + &"c3".repeat(32);
     let body = format!(
         r#"{{"socket":"{}","key_hex":"{key}","queues":2,"qos":{{"iops":5000}}}}"#,
@@ -498,15 +461,15 @@ fn attach_logged(store: &Path, key_path: &Path, sock: &Path, log: &Path) -> Reap
 /// says was in flight, and fio finishes with zero errors.
 #[test]
 fn card_killed_mid_fio_loses_nothing() {
-    if !prerequisites() {
+    if !qemu_prerequisites("card_killed_mid_fio_loses_nothing") {
         return;
     }
-    let dir = TempDir::new("restart");
+    let dir = temp_dir("restart");
     let (store, key_path, _) = setup(&dir);
-    let sock = dir.0.join("vm1.sock");
-    let log = |n: usize| dir.0.join(format!("card-{n}.log"));
+    let sock = dir.path().join("vm1.sock");
+    let log = |n: usize| dir.path().join(format!("card-{n}.log"));
     let mut card = attach_logged(&store, &key_path, &sock, &log(0));
-    let console = dir.0.join("console");
+    let console = dir.path().join("console");
     let guest = qemu(
         &sock,
         "fio-verify",
@@ -619,12 +582,12 @@ fn console_line(console: &str, card_log: &str, tag: &str) -> String {
 /// store is damaged the same check fails (so the check can fail).
 #[test]
 fn data_survives_a_guest_reboot() {
-    if !prerequisites() {
+    if !qemu_prerequisites("data_survives_a_guest_reboot") {
         return;
     }
-    let dir = TempDir::new("reboot");
+    let dir = temp_dir("reboot");
     let (store, key_path, _) = setup(&dir);
-    let sock = dir.0.join("vm1.sock");
+    let sock = dir.path().join("vm1.sock");
     let (console, card_log) = persist_boot(&store, &key_path, &sock, false);
     let written = console_line(&console, &card_log, "OUTBOARD_PERSIST_WRITTEN");
     assert!(written.contains("status=ok"), "{written}\n{console}");

@@ -66,12 +66,29 @@ fn stop_keeping_dir(mut d: Daemon) -> PathBuf {
     dir
 }
 
+/// Attaches volume `name` (plain, one queue) on `<name>.sock` and connects the load generator
+/// to it; returns the socket and the client.
+fn attach_loadgen(d: &Daemon, name: &str) -> (PathBuf, Client) {
+    let sock = d.dir.join(format!("{name}.sock"));
+    let attach = format!(r#"{{"socket":"{}"}}"#, sock.display());
+    let path = format!("/volumes/{name}/attachment");
+    assert_eq!(call(d, "PUT", &path, &attach).0, 201);
+    let client = Client::connect(&sock, 1, 8, 4096).unwrap();
+    (sock, client)
+}
+
+/// A fresh directory with two formatted stores, s1 and s2, of the given sizes in MiB.
+fn two_stores(tag: &str, mib1: u64, mib2: u64) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = fresh_dir(tag);
+    let (s1, s2) = (dir.join("s1"), dir.join("s2"));
+    format(&s1, mib1);
+    format(&s2, mib2);
+    (dir, s1, s2)
+}
+
 #[test]
 fn two_stores_placement_uniqueness_service_and_restart() {
-    let dir = fresh_dir("stores");
-    let (s1, s2) = (dir.join("s1"), dir.join("s2"));
-    format(&s1, 64);
-    format(&s2, 96);
+    let (dir, s1, s2) = two_stores("stores", 64, 96);
     let stores = [s1.clone(), s2.clone()];
     let d = serve(dir, &stores);
     let (p1, p2) = (s1.display().to_string(), s2.display().to_string());
@@ -158,10 +175,7 @@ fn two_stores_placement_uniqueness_service_and_restart() {
     assert_eq!(stores_of(&d)[0]["free"], 53 * MIB);
 
     // Volume d (second store, plain) is served: verified I/O, and its bytes land in s2.
-    let sock = d.dir.join("d.sock");
-    let attach = format!(r#"{{"socket":"{}"}}"#, sock.display());
-    assert_eq!(call(&d, "PUT", "/volumes/d/attachment", &attach).0, 201);
-    let mut client = Client::connect(&sock, 1, 8, 4096).unwrap();
+    let (_, mut client) = attach_loadgen(&d, "d");
     assert_eq!(client.capacity(), 4 * MIB);
     let r = client.run(&verify_spec(0, 300)).unwrap();
     assert!(r.writes > 0);
@@ -191,8 +205,7 @@ fn two_stores_placement_uniqueness_service_and_restart() {
         v["attached"] = Value::Null;
         assert_eq!(after, v);
     }
-    assert_eq!(call(&d, "PUT", "/volumes/d/attachment", &attach).0, 201);
-    let mut client = Client::connect(&sock, 1, 8, 4096).unwrap();
+    let (_, mut client) = attach_loadgen(&d, "d");
     client.set_history(history);
     let r = client.run(&verify_spec(100, 300)).unwrap();
     assert!(r.reads > 0);
@@ -220,10 +233,7 @@ fn cli(store: &Path, args: &[&str]) {
 
 #[test]
 fn bad_store_sets_are_refused_clearly() {
-    let dir = fresh_dir("stores-bad");
-    let (s1, s2) = (dir.join("s1"), dir.join("s2"));
-    format(&s1, 16);
-    format(&s2, 16);
+    let (dir, s1, s2) = two_stores("stores-bad", 16, 16);
 
     let missing = dir.join("missing");
     let err = serve_fails(&dir, &[s1.clone(), missing.clone()]);
@@ -282,10 +292,7 @@ fn attached_volume_grows_live() {
         create(&d, &format!(r#"{{"name":"n","size":{}}}"#, MIB)).0,
         201
     );
-    let sock = d.dir.join("v.sock");
-    let attach = format!(r#"{{"socket":"{}"}}"#, sock.display());
-    assert_eq!(call(&d, "PUT", "/volumes/v/attachment", &attach).0, 201);
-    let mut old = Client::connect(&sock, 1, 8, 4096).unwrap();
+    let (sock, mut old) = attach_loadgen(&d, "v");
     assert_eq!(old.capacity(), 8 * MIB);
     let r = old.run(&verify_spec(30, 300)).unwrap();
     assert_eq!((r.errors, r.verify_failures), (0, 0));

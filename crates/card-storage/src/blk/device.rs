@@ -22,6 +22,7 @@ use crate::table::Volume;
 use crate::throttle::{self, Limits, Throttle};
 use crate::xts::XtsKey;
 
+use super::engine::zeroes::ZeroSupport;
 use super::request::defs::ID_BYTES;
 
 /// Errors attaching a volume.
@@ -115,6 +116,9 @@ pub struct VolumeDevice {
     throttle: Mutex<Throttle>,
     epoch: Instant,
     serial: [u8; ID_BYTES],
+    /// The fallocate modes the store refused for WRITE_ZEROES, learned by whichever worker
+    /// met the refusal first.
+    zeroes: ZeroSupport,
     pub counters: Counters,
 }
 
@@ -151,6 +155,7 @@ impl VolumeDevice {
             throttle: Mutex::new(Throttle::new(limits)?),
             epoch: Instant::now(),
             serial,
+            zeroes: ZeroSupport::default(),
             counters: Counters::default(),
         })
     }
@@ -203,12 +208,21 @@ impl VolumeDevice {
         &self.backing
     }
 
+    /// Whether the volume is served encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.key.is_some()
+    }
+
     pub(crate) fn key(&self) -> Option<&XtsKey> {
         self.key.as_ref()
     }
 
     pub(crate) fn serial(&self) -> &[u8; ID_BYTES] {
         &self.serial
+    }
+
+    pub(crate) fn zero_support(&self) -> &ZeroSupport {
+        &self.zeroes
     }
 
     /// Monotonic nanoseconds since the device was created (the throttle's clock).

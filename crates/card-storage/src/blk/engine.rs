@@ -99,8 +99,6 @@ pub struct Engine {
     mem_align: usize,
     /// Data units split across guest buffers pass through here (wiped after each request).
     scratch: Scratch,
-    /// Which fallocate modes the store refused (shared by the device's engines).
-    zeroes: Arc<zeroes::ZeroSupport>,
     /// Zeros the kernel writes from (plain) or XTS encrypts from; never written.
     zero_buf: Option<AlignedBuf>,
 }
@@ -127,7 +125,6 @@ impl Engine {
         let xts = dev.key().map(Xts::new).transpose().map_err(Error::Xts)?;
         let fd = dev.backing().file().as_raw_fd();
         let mem_align = dev.backing().mem_align();
-        let zeroes = zeroes::support_for(&dev);
         Ok(Self {
             dev,
             ring,
@@ -142,7 +139,6 @@ impl Engine {
             owner: None,
             mem_align,
             scratch: crypt::scratch(),
-            zeroes,
             zero_buf: None,
         })
     }
@@ -173,7 +169,7 @@ impl Engine {
     /// What the store accepts for WRITE_ZEROES (tests force the fallback through it).
     #[cfg(test)]
     pub(crate) fn zero_support(&self) -> &zeroes::ZeroSupport {
-        &self.zeroes
+        self.dev.zero_support()
     }
 
     fn counters(&self) -> &Counters {
@@ -648,4 +644,4 @@ impl Drop for Engine {
 
 #[cfg(test)]
 mod tests;
-mod zeroes;
+pub(crate) mod zeroes;

@@ -37,8 +37,13 @@ pub const BLOCK: u64 = 4096;
 pub const MAX_TRANSFER: u64 = 4 << 20;
 /// Segments accepted in one discard or write-zeroes request.
 pub const MAX_RANGES: usize = 16;
-/// Largest range of one discard or write-zeroes segment, in bytes.
-pub const MAX_RANGE_BYTES: u64 = 1 << 20;
+/// Largest range of one discard segment, in bytes.
+pub const MAX_DISCARD_BYTES: u64 = 1 << 20;
+/// Largest range of one write-zeroes segment, in bytes. The engine serves any size in bounded
+/// pieces (fallocate per extent piece, zero writes and encrypted zeros in chunks), so this
+/// only caps how long one request may keep the volume busy; what a device advertises may be
+/// smaller ([`crate::vhost::BlkConfig`]).
+pub const MAX_WRITE_ZEROES_BYTES: u64 = 1 << 30;
 
 /// One guest buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -292,10 +297,15 @@ pub fn scatter<M: GuestMemory>(
 
 /// The byte range of a data request: 4 KiB aligned, non-empty, bounded, inside the volume.
 fn data_range(sector: u64, len: u64, capacity: u64) -> Option<Range> {
+    block_range(sector, len, capacity, MAX_TRANSFER)
+}
+
+/// A 4 KiB aligned, non-empty range of at most `max` bytes inside the volume.
+fn block_range(sector: u64, len: u64, capacity: u64, max: u64) -> Option<Range> {
     let offset = sector.checked_mul(VIRTIO_SECTOR)?;
     let end = offset.checked_add(len)?;
     let ok = len > 0
-        && len <= MAX_TRANSFER
+        && len <= max
         && offset.is_multiple_of(BLOCK)
         && len.is_multiple_of(BLOCK)
         && end <= capacity;
@@ -326,10 +336,12 @@ fn parse_ranges<M: GuestMemory>(
             return Err(S_UNSUPP);
         }
         let bytes = sectors as u64 * VIRTIO_SECTOR;
-        let range = data_range(sector, bytes, capacity).ok_or(S_IOERR)?;
-        if range.len > MAX_RANGE_BYTES {
-            return Err(S_IOERR);
-        }
+        let max = if discard {
+            MAX_DISCARD_BYTES
+        } else {
+            MAX_WRITE_ZEROES_BYTES
+        };
+        let range = block_range(sector, bytes, capacity, max).ok_or(S_IOERR)?;
         unmap &= flags & F_UNMAP != 0;
         out.push(range);
     }

@@ -441,7 +441,12 @@ impl VhostUserBackend for BlkBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // Built from the device each time: a live grow changes the capacity.
-        let config = BlkConfig::for_volume(self.dev.capacity(), self.num_queues as u16).to_bytes();
+        let config = BlkConfig::for_volume(
+            self.dev.capacity(),
+            self.num_queues as u16,
+            self.dev.encrypted(),
+        )
+        .to_bytes();
         let start = (offset as usize).min(config.len());
         let end = start.saturating_add(size as usize).min(config.len());
         let mut out = config[start..end].to_vec();

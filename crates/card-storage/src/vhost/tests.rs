@@ -45,6 +45,12 @@ fn config_space_and_features() {
     assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), SEG_MAX);
     assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 4096);
     assert_eq!(u16::from_le_bytes(cfg[34..36].try_into().unwrap()), 2);
+    // A plain volume: write zeroes are fallocate, with their own 1 GiB limit, and may unmap.
+    assert_eq!(
+        u32::from_le_bytes(cfg[48..52].try_into().unwrap()),
+        (1 << 30) / 512
+    );
+    assert_eq!(cfg[56], 1);
     // Reads past the end are zero filled, never a panic.
     assert_eq!(b.get_config(58, 8), vec![0u8; 8]);
     assert_eq!(b.get_config(u32::MAX, 4), vec![0u8; 4]);
@@ -102,19 +108,7 @@ fn requests_through_a_vring() {
     let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
     let atomic = GuestMemoryAtomic::new(gm.clone());
-    b.update_memory(atomic.clone()).unwrap();
-    let vring = VringRwLock::new(atomic, 16).unwrap();
-    vring.set_queue_size(16);
-    vring
-        .set_queue_info(
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        )
-        .unwrap();
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
-    let vrings = [vring];
+    let vrings = ring_at(&b, &atomic, &mock, 0);
 
     let run = |kind: u32, sector: u64, write: bool, idx: u16| {
         let mut h = [0u8; 16];
@@ -125,13 +119,7 @@ fn requests_through_a_vring() {
         let descs = chain(write);
         mock.build_desc_chain(&descs).unwrap();
         b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
-        let t = Instant::now();
-        while mock.used().idx().load() != idx {
-            assert!(t.elapsed() < Duration::from_secs(5), "no completion");
-            std::thread::sleep(Duration::from_millis(1));
-            b.handle_event(b.uring_event(), EventSet::IN, &vrings, 0)
-                .unwrap();
-        }
+        complete_until(&b, b.uring_event(), &vrings, &mock, idx);
         gm.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
     };
     gm.write_slice(&[0x42u8; 4096], GuestAddress(DATA)).unwrap();
@@ -165,49 +153,8 @@ fn stop_vring_completes_throttled_requests() {
     let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
     let atomic = GuestMemoryAtomic::new(gm.clone());
-    b.update_memory(atomic.clone()).unwrap();
-    let vring = VringRwLock::new(atomic, 16).unwrap();
-    vring.set_queue_size(16);
-    vring
-        .set_queue_info(
-            mock.desc_table_addr().0,
-            mock.avail_addr().0,
-            mock.used_addr().0,
-        )
-        .unwrap();
-    vring.set_queue_ready(true);
-    vring.set_enabled(true);
-    let vrings = [vring];
-    // Three reads of block 0, each chain with its own header, buffer and status.
-    let mut descs = Vec::new();
-    for i in 0..3u64 {
-        let hdr = HDR + 64 * i;
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&T_IN.to_le_bytes());
-        gm.write_slice(&h, GuestAddress(hdr)).unwrap();
-        let first = (3 * i) as u16;
-        let next = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
-        let w = VRING_DESC_F_WRITE as u16;
-        descs.push(RawDescriptor::from(SplitDescriptor::new(
-            hdr,
-            16,
-            next,
-            first + 1,
-        )));
-        descs.push(RawDescriptor::from(SplitDescriptor::new(
-            DATA + 4096 * i,
-            4096,
-            next | w,
-            first + 2,
-        )));
-        descs.push(RawDescriptor::from(SplitDescriptor::new(
-            STATUS + i,
-            1,
-            w,
-            0,
-        )));
-    }
-    mock.add_desc_chains(&descs, 0).unwrap();
+    let vrings = ring_at(&b, &atomic, &mock, 0);
+    three_reads(&gm, &mock);
     b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
     // At 100 IOPS with a burst of one, two of them are waiting for the throttle now.
     assert!(b.device().counters.snapshot().queue_depth >= 2);
@@ -219,9 +166,10 @@ fn stop_vring_completes_throttled_requests() {
     assert_eq!(b.device().counters.snapshot().queue_depth, 0);
 }
 
-/// The vring a front end hands a (re)connected backend: SET_VRING_ADDR reads the used index
-/// from guest memory; after a crash SET_VRING_BASE is that index too.
-fn restarted_ring(
+/// The vring a front end hands a (re)connected backend, at used index `used` (0 for a new
+/// device): SET_VRING_ADDR reads the used index from guest memory; after a crash
+/// SET_VRING_BASE is that index too.
+fn ring_at(
     b: &BlkBackend,
     mem: &GuestMemoryAtomic<GuestMemoryMmap<()>>,
     mock: &MockSplitQueue<GuestMemoryMmap<()>>,
@@ -242,6 +190,27 @@ fn restarted_ring(
     vring.set_queue_ready(true);
     vring.set_enabled(true);
     [vring]
+}
+
+/// Feeds the backend `event` (its io_uring or throttle timer) until the used index reaches
+/// `idx`; fails after 5 s.
+fn complete_until(
+    b: &BlkBackend,
+    event: u16,
+    vrings: &[Vring],
+    mock: &MockSplitQueue<GuestMemoryMmap<()>>,
+    idx: u16,
+) {
+    let t = Instant::now();
+    while mock.used().idx().load() != idx {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "used index stuck at {} (waiting for {idx})",
+            mock.used().idx().load()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        b.handle_event(event, EventSet::IN, vrings, 0).unwrap();
+    }
 }
 
 /// Three 4 KiB reads made available at heads 0, 3 and 6, each with its own header, data
@@ -299,16 +268,9 @@ fn next_instance_resubmits_what_the_inflight_region_holds() {
     let mock = MockSplitQueue::create(&gm, GuestAddress(0), 16);
     let atomic = GuestMemoryAtomic::new(gm.clone());
     three_reads(&gm, &mock);
-    let vrings = restarted_ring(&first, &atomic, &mock, 0);
+    let vrings = ring_at(&first, &atomic, &mock, 0);
     first.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
-    let t = Instant::now();
-    while mock.used().idx().load() != 1 {
-        assert!(t.elapsed() < Duration::from_secs(5), "no completion");
-        std::thread::sleep(Duration::from_millis(1));
-        first
-            .handle_event(first.uring_event(), EventSet::IN, &vrings, 0)
-            .unwrap();
-    }
+    complete_until(&first, first.uring_event(), &vrings, &mock, 1);
     // Killed here: two reads still wait for the throttle and are marked in the region.
     let dev = first.device().clone();
     drop(vrings);
@@ -318,7 +280,7 @@ fn next_instance_resubmits_what_the_inflight_region_holds() {
     let second = Arc::new(BlkBackend::new(dev, 1).unwrap());
     let region = inflight::Region::map(&file, &info).unwrap();
     *second.inflight.lock().unwrap() = Some(Arc::new(region));
-    let vrings = restarted_ring(&second, &atomic, &mock, 1);
+    let vrings = ring_at(&second, &atomic, &mock, 1);
     second.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
     assert_eq!(second.resubmitted(), 2);
     assert_eq!(
@@ -326,17 +288,8 @@ fn next_instance_resubmits_what_the_inflight_region_holds() {
         3,
         "resumes after the resubmitted"
     );
-    let t = Instant::now();
-    while mock.used().idx().load() != 3 {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "resubmitted never completed"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-        second
-            .handle_event(second.timer_event(), EventSet::IN, &vrings, 0)
-            .unwrap();
-    }
+    // The resubmitted reads wait for the throttle: its timer completes them.
+    complete_until(&second, second.timer_event(), &vrings, &mock, 3);
     for i in 0..3 {
         assert_eq!(gm.read_obj::<u8>(GuestAddress(STATUS + i)).unwrap(), S_OK);
     }
@@ -376,7 +329,7 @@ fn a_restarted_ring_notifies_what_a_killed_instance_left_unannounced() {
     gm.write_obj(0u16, used_event).unwrap();
 
     *b.inflight.lock().unwrap() = Some(Arc::new(region));
-    let vrings = restarted_ring(&b, &atomic, &mock, 1);
+    let vrings = ring_at(&b, &atomic, &mock, 1);
     vrings[0].set_queue_event_idx(true);
     let call = EventFd::new(EFD_NONBLOCK).unwrap();
     let fd = call.try_clone().unwrap().into_raw_fd();
@@ -384,16 +337,7 @@ fn a_restarted_ring_notifies_what_a_killed_instance_left_unannounced() {
     vrings[0].set_call(Some(unsafe { File::from_raw_fd(fd) }));
     b.handle_event(0, EventSet::IN, &vrings, 0).unwrap();
     assert_eq!(b.resubmitted(), 2);
-    let t = Instant::now();
-    while mock.used().idx().load() != 3 {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "resubmitted never completed"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-        b.handle_event(b.uring_event(), EventSet::IN, &vrings, 0)
-            .unwrap();
-    }
+    complete_until(&b, b.uring_event(), &vrings, &mock, 3);
     assert!(
         call.read().is_ok(),
         "the driver was never told of the used chains"

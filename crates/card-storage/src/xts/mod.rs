@@ -129,43 +129,12 @@ impl Xts {
     /// Encrypts whole sectors from `src` into `dst` (same length), leaving `src` untouched:
     /// how guest data goes into a bounce buffer.
     pub fn encrypt_to(&mut self, first: u64, src: &[u8], dst: &mut [u8]) -> Result<(), Error> {
-        check_len(src.len())?;
-        if dst.len() != src.len() {
-            return Err(Error::Length(dst.len()));
-        }
-        for (i, (s, d)) in src
-            .chunks_exact(SECTOR)
-            .zip(dst.chunks_exact_mut(SECTOR))
-            .enumerate()
-        {
-            self.enc
-                .encrypt_init(None, None, Some(&tweak(first.wrapping_add(i as u64))))
-                .map_err(Error::OpenSsl)?;
-            let n = self.enc.cipher_update(s, Some(d)).map_err(Error::OpenSsl)?;
-            debug_assert_eq!(n, SECTOR);
-        }
-        Ok(())
+        run_to(&mut self.enc, true, first, src, dst)
     }
 
     /// Decrypts whole sectors from `src` into `dst` (same length), leaving `src` untouched.
     pub fn decrypt_to(&mut self, first: u64, src: &[u8], dst: &mut [u8]) -> Result<(), Error> {
-        check_len(src.len())?;
-        if dst.len() != src.len() {
-            return Err(Error::Length(dst.len()));
-        }
-        for (i, (s, d)) in src
-            .chunks_exact(SECTOR)
-            .zip(dst.chunks_exact_mut(SECTOR))
-            .enumerate()
-        {
-            self.dec
-                .decrypt_init(None, None, Some(&tweak(first.wrapping_add(i as u64))))
-                .map_err(Error::OpenSsl)?;
-            // SAFETY: `s` and `d` are distinct Rust slices of the same length, valid for the
-            // call.
-            unsafe { update_raw(&mut self.dec, s.as_ptr(), d.as_mut_ptr(), s.len()) }?;
-        }
-        Ok(())
+        run_to(&mut self.dec, false, first, src, dst)
     }
 
     /// Encrypts one data unit (any length ≥ 16) with tweak `unit` from guest memory `src` into
@@ -177,13 +146,7 @@ impl Xts {
         src: &VolatileSlice<'_, B>,
         dst: &mut [u8],
     ) -> Result<(), Error> {
-        check_unit(src.len())?;
-        if dst.len() != src.len() {
-            return Err(Error::Length(dst.len()));
-        }
-        self.enc
-            .encrypt_init(None, None, Some(&tweak(unit)))
-            .map_err(Error::OpenSsl)?;
+        start_out_of_place(&mut self.enc, true, unit, src.len(), dst.len())?;
         let guard = src.ptr_guard();
         // SAFETY: the guard's pointer is valid for reads of `src.len()` bytes while the guard and
         // the slice live (vm-memory's VolatileSlice contract: the mapping outlives the slice);
@@ -200,13 +163,7 @@ impl Xts {
         src: &[u8],
         dst: &VolatileSlice<'_, B>,
     ) -> Result<(), Error> {
-        check_unit(src.len())?;
-        if dst.len() != src.len() {
-            return Err(Error::Length(dst.len()));
-        }
-        self.dec
-            .decrypt_init(None, None, Some(&tweak(unit)))
-            .map_err(Error::OpenSsl)?;
+        start_out_of_place(&mut self.dec, false, unit, src.len(), dst.len())?;
         let guard = dst.ptr_guard_mut();
         // SAFETY: the guard's pointer is valid for writes of `dst.len()` bytes while the guard
         // and the slice live (VolatileSlice contract); `src` is our own slice of that length,
@@ -272,6 +229,58 @@ unsafe fn update_raw(
     Ok(())
 }
 
+/// Starts data unit `unit` on `ctx`. Re-initialising with only the IV keeps the expanded key
+/// and resets the XTS state, as each data unit must start afresh.
+fn start_unit(ctx: &mut CipherCtx, encrypting: bool, unit: u64) -> Result<(), Error> {
+    let iv = tweak(unit);
+    if encrypting {
+        ctx.encrypt_init(None, None, Some(&iv))
+    } else {
+        ctx.decrypt_init(None, None, Some(&iv))
+    }
+    .map_err(Error::OpenSsl)
+}
+
+/// Checks one data unit going out of place (`src_len` bytes into `dst_len`) and starts it.
+fn start_out_of_place(
+    ctx: &mut CipherCtx,
+    encrypting: bool,
+    unit: u64,
+    src_len: usize,
+    dst_len: usize,
+) -> Result<(), Error> {
+    check_unit(src_len)?;
+    if dst_len != src_len {
+        return Err(Error::Length(dst_len));
+    }
+    start_unit(ctx, encrypting, unit)
+}
+
+/// Runs whole sectors of `src` through `ctx` into `dst` (same length); `first` is the volume
+/// sector number of `src[0]`.
+fn run_to(
+    ctx: &mut CipherCtx,
+    encrypting: bool,
+    first: u64,
+    src: &[u8],
+    dst: &mut [u8],
+) -> Result<(), Error> {
+    check_len(src.len())?;
+    if dst.len() != src.len() {
+        return Err(Error::Length(dst.len()));
+    }
+    for (i, (s, d)) in src
+        .chunks_exact(SECTOR)
+        .zip(dst.chunks_exact_mut(SECTOR))
+        .enumerate()
+    {
+        start_unit(ctx, encrypting, first.wrapping_add(i as u64))?;
+        // SAFETY: `s` and `d` are distinct Rust slices of the same length, valid for the call.
+        unsafe { update_raw(ctx, s.as_ptr(), d.as_mut_ptr(), s.len()) }?;
+    }
+    Ok(())
+}
+
 fn run_inplace(
     ctx: &mut CipherCtx,
     encrypting: bool,
@@ -281,16 +290,7 @@ fn run_inplace(
     if data.len() < 16 || data.len() > i32::MAX as usize {
         return Err(Error::Length(data.len()));
     }
-    let iv = tweak(unit);
-    // Re-initialising with only the IV keeps the expanded key and resets the XTS state, as
-    // each data unit must start afresh.
-    if encrypting {
-        ctx.encrypt_init(None, None, Some(&iv))
-            .map_err(Error::OpenSsl)?;
-    } else {
-        ctx.decrypt_init(None, None, Some(&iv))
-            .map_err(Error::OpenSsl)?;
-    }
+    start_unit(ctx, encrypting, unit)?;
     let len = data.len();
     ctx.cipher_update_inplace(data, len)
         .map_err(Error::OpenSsl)?;

@@ -1,5 +1,7 @@
-//! Shared by the card API tests (`api.rs`, `net_api.rs`, `stores.rs`): `outboard-card serve` on
-//! fresh, formatted backing files, and a one-request HTTP client for its socket.
+//! Shared by the card's integration tests: `outboard-card serve` on fresh, formatted backing
+//! files and a one-request HTTP client for its socket (the API tests); the check that a Linux
+//! guest can run here, a vhost-user-blk disk for QEMU, and commands typed into the guest's
+//! console shell (the QEMU tests).
 
 #![allow(dead_code)]
 
@@ -9,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use outboard_guest_harness::{GuestCommand, GuestVm, Runner};
 use serde_json::Value;
 
 pub const CARD: &str = env!("CARGO_BIN_EXE_outboard-card");
@@ -96,6 +99,14 @@ pub fn serve_fails(dir: &Path, stores: &[PathBuf]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Creates volume `name` of `mib` MiB through the API; returns the answer (with its extents).
+pub fn create_volume(d: &Daemon, name: &str, mib: u64) -> Value {
+    let body = format!(r#"{{"name":"{name}","size":{}}}"#, mib << 20);
+    let (st, v) = call(d, "POST", "/volumes", &body);
+    assert_eq!(st, 201, "{v}");
+    v
+}
+
 /// Sends `request` as is; returns the status and the body.
 pub fn raw(sock: &Path, request: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(sock).unwrap();
@@ -123,4 +134,70 @@ pub fn call(d: &Daemon, method: &str, path: &str, body: &str) -> (u16, Value) {
         serde_json::from_str(&text).unwrap()
     };
     (status, v)
+}
+
+/// Whether the Linux guest can run here: the image from `cargo xtask guest` and QEMU. Prints
+/// `SKIP: <test>: <why>` where not.
+pub fn qemu_prerequisites(test: &str) -> bool {
+    let g = outboard_guest_harness::guest_dir();
+    if !g.join("vmlinuz").exists() || !g.join("initramfs.img").exists() {
+        eprintln!(
+            "SKIP: {test}: no guest image in {} (run `cargo xtask guest`)",
+            g.display()
+        );
+        return false;
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: {test}: qemu-system-x86_64 not installed");
+        return false;
+    }
+    true
+}
+
+/// QEMU arguments for a two-queue vhost-user-blk disk on `sock` (chardev `id`); with
+/// `reconnect`, QEMU reconnects to a card that went away (once a second).
+pub fn blk_disk_args(id: &str, sock: &Path, reconnect: bool) -> [String; 4] {
+    let reconnect = if reconnect { ",reconnect=1" } else { "" };
+    [
+        "-chardev".into(),
+        format!("socket,id={id},path={}{reconnect}", sock.display()),
+        "-device".into(),
+        format!("vhost-user-blk-pci,chardev={id},num-queues=2"),
+    ]
+}
+
+/// The Linux guest under QEMU (TCG) with a vhost-user-blk disk on each of `socks` (vda, vdb...
+/// in that order), booted to its console shell.
+pub fn linux_on_disks(socks: &[&Path]) -> GuestVm {
+    let mut cmd = GuestCommand::linux(Runner::QemuTcg).shared_memory();
+    for (i, sock) in socks.iter().enumerate() {
+        cmd = cmd.args(blk_disk_args(&format!("c{i}"), sock, false));
+    }
+    let vm = cmd.spawn().unwrap();
+    vm.wait_for_ready(Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("{e}\nstderr:\n{}", vm.stderr()));
+    // Let the console shell start.
+    std::thread::sleep(Duration::from_secs(2));
+    vm
+}
+
+/// Runs `cmd` in the guest shell, then prints `OUTBOARD_<tag> <value of $out>`; returns the
+/// value. The marker is typed split (`OUT""BOARD`) so the console's echo of the command line
+/// never matches it.
+pub fn shell(vm: &GuestVm, tag: &str, cmd: &str, timeout: Duration) -> String {
+    vm.send(&format!("{cmd}; echo OUT\"\"BOARD_{tag} \"$out\"\n"))
+        .unwrap();
+    let marker = format!("OUTBOARD_{tag} ");
+    let line = vm.wait_for_line(&marker, timeout).unwrap_or_else(|e| {
+        panic!(
+            "{e}\nserial:\n{}\nstderr:\n{}",
+            vm.lines().join("\n"),
+            vm.stderr()
+        )
+    });
+    line.split_once(&marker).unwrap().1.trim().to_owned()
 }

@@ -4,27 +4,27 @@
 //!   fallocate: `PUNCH_HOLE|KEEP_SIZE` when every segment allowed UNMAP (the store deallocates,
 //!   reads still return zeros), otherwise `ZERO_RANGE|KEEP_SIZE` (zeroed, still allocated). A
 //!   store that refuses a mode (EOPNOTSUPP or EINVAL: tmpfs has no ZERO_RANGE, some block devices
-//!   neither) is remembered per device, and the request is redone with the next method; the last
-//!   one writes zeros from one shared, never-written zero buffer.
+//!   neither) is remembered in the device ([`ZeroSupport`], shared by the workers serving its
+//!   queues), and the request is redone with the next method; the last one writes zeros from
+//!   one shared, never-written zero buffer, [`PLAIN_ROUND`] bytes at a time (a segment may be
+//!   up to 1 GiB: its writes go in rounds rather than flooding the ring).
 //! - Encrypted volumes write encrypted zeros (a hole would decrypt to garbage), in chunks of at
 //!   most [`ZERO_CHUNK`] bytes one after the other, so one request never holds more than one
 //!   chunk of bounce buffer however large its ranges.
 //!
 //! ```text
-//!   Punch ──refused──► ZeroRange ──refused──► Write (plain)      Write (encrypted): chunk by
-//!     │                   │                     │                chunk until no range is left
+//!   Punch ──refused──► ZeroRange ──refused──► Write (plain,       Write (encrypted): chunk by
+//!     │                   │                     │ round by round) chunk until no range is left
 //!     └──────── done ─────┴──────── done ───────┴──► finish
 //! ```
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use io_uring::{opcode, types};
 use vm_memory::GuestMemory;
 
 use super::{Engine, ZERO_CHUNK};
 use crate::aligned::AlignedBuf;
-use crate::blk::device::VolumeDevice;
 use crate::blk::request::{Op, Range};
 use crate::xts::SECTOR;
 
@@ -39,12 +39,17 @@ pub enum Method {
     Write,
 }
 
+/// Most bytes of plain zero writes one request has in flight (16 writes of the shared
+/// [`ZERO_CHUNK`] zero buffer).
+pub const PLAIN_ROUND: u64 = 16 * ZERO_CHUNK as u64;
+
 const NO_PUNCH: u8 = 1;
 const NO_ZERO_RANGE: u8 = 2;
 
-/// The fallocate modes a device's store refused, learned once and shared by its workers.
+/// The fallocate modes a device's store refused, learned once and shared by its workers (a
+/// field of the device, so a new attachment learns afresh).
 #[derive(Debug, Default)]
-pub struct ZeroSupport(AtomicU8);
+pub(crate) struct ZeroSupport(AtomicU8);
 
 impl ZeroSupport {
     fn refused(&self, bit: u8) -> bool {
@@ -87,25 +92,6 @@ impl ZeroSupport {
     pub fn refused_zero_range(&self) -> bool {
         self.refused(NO_ZERO_RANGE)
     }
-}
-
-/// Devices and what their stores support. Kept here, keyed by the device's allocation (a `Weak`
-/// pins it, so a new device never inherits a dead one's entry), because the engines of one
-/// device are created separately by each worker.
-static SUPPORT: Mutex<Vec<(Weak<VolumeDevice>, Arc<ZeroSupport>)>> = Mutex::new(Vec::new());
-
-/// The shared [`ZeroSupport`] of `dev`.
-pub fn support_for(dev: &Arc<VolumeDevice>) -> Arc<ZeroSupport> {
-    // Entries are plain data: a panic elsewhere cannot leave them inconsistent.
-    let mut all = SUPPORT.lock().unwrap_or_else(PoisonError::into_inner);
-    all.retain(|(d, _)| d.strong_count() > 0);
-    let me = Arc::downgrade(dev);
-    if let Some((_, s)) = all.iter().find(|(d, _)| d.ptr_eq(&me)) {
-        return s.clone();
-    }
-    let s = Arc::new(ZeroSupport::default());
-    all.push((me, s.clone()));
-    s
 }
 
 /// A WRITE_ZEROES request in progress.
@@ -166,7 +152,7 @@ impl Engine {
     /// Starts a WRITE_ZEROES request (slot `idx` holds it).
     pub(super) fn dispatch_zeroes<M: GuestMemory>(&mut self, mem: &M, idx: usize) {
         let encrypted = self.xts.is_some();
-        let support = self.zeroes.clone();
+        let support = self.dev.zero_support();
         let Some(slot) = self.slots[idx].as_mut() else {
             return;
         };
@@ -201,9 +187,10 @@ impl Engine {
                 return self.finish(mem, idx);
             }
             if job.refused {
-                let news = self.zeroes.refuse_method(job.method);
+                let support = self.dev.zero_support();
+                let news = support.refuse_method(job.method);
                 let unmap = matches!(slot.req.op, Op::WriteZeroes { unmap: true, .. });
-                let next = self.zeroes.method(unmap);
+                let next = support.method(unmap);
                 if news {
                     log::info!(
                         "{:?}: the store refuses {:?} for WRITE_ZEROES, using {next:?}",
@@ -219,12 +206,13 @@ impl Engine {
                 return self.finish(mem, idx);
             }
             let method = job.method;
-            // Plain zero writes share one read-only buffer, so they can all go at once; an
-            // encrypted chunk needs its own ciphertext.
-            let chunk = if encrypted {
-                take_chunk(&mut job.left, ZERO_CHUNK as u64)
-            } else {
-                std::mem::take(&mut job.left)
+            // fallocate is one SQE per extent piece whatever the length: all at once. Plain
+            // zero writes share one read-only buffer, so a round holds several; an encrypted
+            // chunk needs its own ciphertext.
+            let chunk = match method {
+                Method::Punch | Method::ZeroRange => std::mem::take(&mut job.left),
+                Method::Write if encrypted => take_chunk(&mut job.left, ZERO_CHUNK as u64),
+                Method::Write => take_chunk(&mut job.left, PLAIN_ROUND),
             };
             let pushed = match method {
                 Method::Punch | Method::ZeroRange => self.push_fallocate(idx, &chunk, method),

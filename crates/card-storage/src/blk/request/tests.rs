@@ -376,7 +376,7 @@ fn discard_and_write_zeroes() {
         vec![(CAP / 512, 8, 0)],
         vec![(1, 8, 0)],
         vec![(0, 0, 0)],
-        vec![(0, (MAX_RANGE_BYTES / 512 + 8) as u32, 0)],
+        vec![(0, (MAX_DISCARD_BYTES / 512 + 8) as u32, 0)],
         vec![(0, 8, 0); MAX_RANGES + 1],
     ] {
         let d = ranges(&m, 0x6000, &rs);
@@ -386,6 +386,37 @@ fn discard_and_write_zeroes() {
             "{rs:?}"
         );
     }
+    // Write zeroes have their own, larger limit: a whole 16 MiB volume in one segment, but
+    // never past MAX_WRITE_ZEROES_BYTES, whatever the volume's size.
+    let whole = ranges(&m, 0x6000, &[(0, (CAP / 512) as u32, F_UNMAP)]);
+    assert!(matches!(
+        parse([header(&m, 0, T_WRITE_ZEROES, 0), whole, w(0x9000, 1)], &m, CAP),
+        Parsed::Ok(Request { op: Op::WriteZeroes { ref ranges, unmap: true }, .. })
+            if ranges == &[Range { offset: 0, len: CAP }]
+    ));
+    let huge = 4 * MAX_WRITE_ZEROES_BYTES;
+    let over = ranges(
+        &m,
+        0x6000,
+        &[(0, (MAX_WRITE_ZEROES_BYTES / 512 + 8) as u32, 0)],
+    );
+    assert_eq!(
+        parse(
+            [header(&m, 0, T_WRITE_ZEROES, 0), over, w(0x9000, 1)],
+            &m,
+            huge
+        ),
+        fail(S_IOERR)
+    );
+    let at_max = ranges(&m, 0x6000, &[(0, (MAX_WRITE_ZEROES_BYTES / 512) as u32, 0)]);
+    assert!(matches!(
+        parse(
+            [header(&m, 0, T_WRITE_ZEROES, 0), at_max, w(0x9000, 1)],
+            &m,
+            huge
+        ),
+        Parsed::Ok(_)
+    ));
     assert_eq!(
         parse(
             [header(&m, 0, T_DISCARD, 0), r(0x6000, 15), w(0x9000, 1)],

@@ -144,6 +144,41 @@ fn plain_write_zeroes_fall_back_to_writing_zeros() {
     assert_eq!(dev.counters.snapshot().errors, 0);
 }
 
+/// Segments far above the discard limit: a plain volume's zero writes go round by round, an
+/// encrypted volume's chunk by chunk, and both leave exactly the ranges zeroed.
+#[test]
+fn large_write_zeroes_segments_are_served_in_rounds() {
+    use super::super::zeroes::PLAIN_ROUND;
+    let mut r = rig(128 * MIB);
+    r.store.create("p", 40 * MIB).unwrap();
+    r.store.create("e", 8 * MIB).unwrap();
+    let m = &r.mem;
+    let len = PLAIN_ROUND + 4 * MIB + 4096; // two full rounds and a partial one
+    for (name, key) in [("p", None), ("e", Some(key(7)))] {
+        let dev = device(&r, name, key, Limits::default());
+        let mut e = Engine::new(dev.clone(), None).unwrap();
+        e.zero_support().refuse_all(); // plain: the written-zeros fallback
+        let size = dev.capacity();
+        let (start, len) = if name == "p" {
+            (4096, len)
+        } else {
+            (4096, 3 * MIB) // three encrypted chunks in one segment
+        };
+        let data = pattern(size as usize, 11);
+        for at in (0..size).step_by(4 * MIB as usize) {
+            let n = (size - at).min(4 * MIB) as usize;
+            assert_eq!(write(&mut e, m, at, &data[at as usize..][..n]), S_OK);
+        }
+        assert_eq!(zeroes(&mut e, m, &[(start, len)], F_UNMAP), S_OK, "{name}");
+        let back = read_big(&mut e, m, 0, size as usize);
+        let mut expect = data.clone();
+        expect[start as usize..(start + len) as usize].fill(0);
+        assert!(back == expect, "{name}: exactly the range zeroed");
+        let c = dev.counters.snapshot();
+        assert_eq!((c.write_zeroes, c.errors), (1, 0), "{name}");
+    }
+}
+
 /// A real store without ZERO_RANGE: tmpfs (punching holes works there).
 #[test]
 fn a_store_refusing_zero_range_is_remembered_and_served() {
