@@ -211,7 +211,7 @@ impl Engine {
     pub fn pump<M: GuestMemory>(&mut self, mem: &M) {
         while let Some((_, req, _)) = self.throttled.front() {
             let now = self.dev.now_ns();
-            if let Some((dir, bytes)) = throttle_cost(&req.op) {
+            if let Some((dir, bytes)) = self.throttle_cost(&req.op) {
                 if let Admission::Wait(_) = self.dev.throttle().try_admit(now, dir, bytes) {
                     return;
                 }
@@ -225,12 +225,33 @@ impl Engine {
     /// Nanoseconds until the throttled head request may go, if any is waiting.
     pub fn next_wakeup(&self) -> Option<u64> {
         let (_, req, _) = self.throttled.front()?;
-        let (dir, bytes) = throttle_cost(&req.op)?;
+        let (dir, bytes) = self.throttle_cost(&req.op)?;
         // Ask a copy, so that asking charges nothing.
         let mut t = self.dev.throttle().clone();
         match t.try_admit(self.dev.now_ns(), dir, bytes) {
             Admission::Admit => Some(0),
             Admission::Wait(ns) => Some(ns),
+        }
+    }
+
+    /// Throttle direction and bytes of an operation; None if it is not throttled. Zeroing a
+    /// plain volume's range is a fallocate the store does without moving the bytes, so it
+    /// costs one operation like a discard; written zeros (encrypted volumes, or a store that
+    /// refused fallocate) cost their bytes.
+    fn throttle_cost(&self, op: &Op) -> Option<(Direction, u64)> {
+        match op {
+            Op::Read { range, .. } => Some((Direction::Read, range.len)),
+            Op::Write { range, .. } => Some((Direction::Write, range.len)),
+            Op::WriteZeroes { unmap, .. }
+                if self.xts.is_none() && self.dev.zero_support().offloaded(*unmap) =>
+            {
+                Some((Direction::Write, 0))
+            }
+            Op::WriteZeroes { ranges, .. } => {
+                Some((Direction::Write, ranges.iter().map(|r| r.len).sum()))
+            }
+            Op::Discard(_) => Some((Direction::Write, 0)),
+            Op::Flush | Op::GetId { .. } => None,
         }
     }
 
@@ -601,19 +622,6 @@ impl Engine {
         let head = slot.head;
         let req = slot.req;
         self.complete_now(mem, head, &req, code, data_len);
-    }
-}
-
-/// Throttle direction and bytes of an operation; None if it is not throttled.
-fn throttle_cost(op: &Op) -> Option<(Direction, u64)> {
-    match op {
-        Op::Read { range, .. } => Some((Direction::Read, range.len)),
-        Op::Write { range, .. } => Some((Direction::Write, range.len)),
-        Op::WriteZeroes { ranges, .. } => {
-            Some((Direction::Write, ranges.iter().map(|r| r.len).sum()))
-        }
-        Op::Discard(_) => Some((Direction::Write, 0)),
-        Op::Flush | Op::GetId { .. } => None,
     }
 }
 

@@ -72,6 +72,11 @@ impl ZeroSupport {
         }
     }
 
+    /// Whether a plain volume's request is done by the store (fallocate) rather than written.
+    pub(crate) fn offloaded(&self, unmap: bool) -> bool {
+        self.method(unmap) != Method::Write
+    }
+
     /// Records that `m` was refused; true if it is news.
     fn refuse_method(&self, m: Method) -> bool {
         match m {

@@ -389,3 +389,48 @@ fn a_guest_changing_its_buffer_mid_write_never_leaks_plaintext() {
     assert_eq!(st, S_OK);
     assert_eq!(back[8..16], marker[8..]);
 }
+
+/// Zeroing a plain volume is a fallocate: under a bandwidth limit it costs one operation, like
+/// a discard, so a large zeroing does not stall the volume's next writes for size ÷ rate. Written
+/// zeros (encrypted, or a store that refused fallocate) cost their bytes.
+#[test]
+fn write_zeroes_cost_bandwidth_only_when_zeros_are_written() {
+    let limits = Limits {
+        bw_write: Some(Limit {
+            rate: MIB,
+            burst: MIB,
+        }),
+        ..Limits::default()
+    };
+    // The wait a 4 KiB write sees right after zeroing 8 MiB.
+    let wait_after_zeroing = |key: Option<XtsKey>, refuse: bool| {
+        let mut r = rig(32 * MIB);
+        r.store.create("a", 16 * MIB).unwrap();
+        let dev = device(&r, "a", key, limits);
+        if refuse {
+            dev.zero_support().refuse_all();
+        }
+        let mut e = Engine::new(dev, None).unwrap();
+        assert_eq!(zeroes(&mut e, &r.mem, &[(0, 8 * MIB)], 0), S_OK);
+        let descs = vec![
+            hdr(&r.mem, T_OUT, 8 * MIB / 512),
+            Desc {
+                addr: GuestAddress(DATA),
+                len: 4096,
+                writable: false,
+            },
+            status_desc(),
+        ];
+        let p = parse(descs, &r.mem, e.device().capacity());
+        e.enqueue(&r.mem, 9, p);
+        e.next_wakeup().unwrap_or(0)
+    };
+    let second = 1_000_000_000;
+    assert_eq!(
+        wait_after_zeroing(None, false),
+        0,
+        "fallocate was charged its bytes"
+    );
+    assert!(wait_after_zeroing(None, true) > 5 * second);
+    assert!(wait_after_zeroing(Some(key(3)), false) > 5 * second);
+}
