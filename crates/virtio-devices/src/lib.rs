@@ -61,10 +61,16 @@ pub enum Error {
     QueueAddress { index: usize, addr: u64 },
     #[error("Backend is disconnected")]
     Disconnected,
+    #[error("vhost-user backend gave no answer to {request} within {}s", vhost_user::REPLY_TIMEOUT.as_secs())]
+    NoReply { request: &'static str },
     #[error("Handed-over eventfds don't match the device's {queues} queues")]
     EventfdCount { queues: usize },
     #[error("Cannot create eventfd")]
     EventFd(#[source] std::io::Error),
+    #[error("vhost-user backend gave a device configuration of {len} bytes")]
+    ConfigSize { len: usize },
+    #[error("Cannot create the vhost-user backend request channel")]
+    Channel(#[source] std::io::Error),
     #[error("Cannot set up MSI-X")]
     Interrupts(#[source] outboard_pci::interrupt::Error),
 }
@@ -88,6 +94,12 @@ pub struct ActiveQueue {
     /// Signalled by the device (or its backend) to interrupt the guest.
     pub call: Arc<EventFd>,
 }
+
+/// What a device calls when its configuration changed on its own (a disk grown by its
+/// backend): the transport bumps the config generation and raises the config-change interrupt.
+/// Called with none of the device's locks held (the transport calls into the device under its
+/// own lock).
+pub type ConfigNotifier = Arc<dyn Fn() + Send + Sync>;
 
 /// A virtio device model behind a transport.
 pub trait VirtioDevice: Send + Sync {
@@ -116,4 +128,7 @@ pub trait VirtioDevice: Send + Sync {
     fn counters(&self) -> Vec<(&'static str, u64)> {
         Vec::new()
     }
+    /// Given by the transport at its creation; devices whose configuration never changes
+    /// ignore it.
+    fn set_config_notifier(&self, _notifier: ConfigNotifier) {}
 }

@@ -126,6 +126,16 @@ pub fn device_interrupts() -> u32 {
     COUNTS.iter().map(|c| c.load(Ordering::Relaxed)).sum()
 }
 
+/// Whether interrupts are on (`outboard.virtio_irq=1`).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Interrupts taken so far on MSI-X entry `entry` (0 beyond the entries counted).
+pub fn entry_interrupts(entry: usize) -> u32 {
+    COUNTS.get(entry).map_or(0, |c| c.load(Ordering::Relaxed))
+}
+
 /// Prints the interrupt counts (when interrupts are on): per MSI-X vector, timer, halts.
 pub fn report() {
     if !ENABLED.load(Ordering::Relaxed) {

@@ -113,7 +113,8 @@ struct Inner {
 
 /// A virtio device on PCI.
 pub struct VirtioPciTransport<M> {
-    inner: Mutex<Inner>,
+    /// Shared (weakly) with the device's config notifier.
+    inner: Arc<Mutex<Inner>>,
     device: Arc<dyn VirtioDevice>,
     memory: M,
     ioevents: Arc<dyn IoEventRegistrar>,
@@ -237,26 +238,34 @@ impl<M: GuestMemoryBackend + Send + Sync> VirtioPciTransport<M> {
             ),
         };
         let max = device.queue_max_size();
+        let inner = Arc::new(Mutex::new(Inner {
+            state: TransportState {
+                status: 0,
+                device_feature_select: 0,
+                driver_feature_select: 0,
+                driver_features: 0,
+                queue_select: 0,
+                msix_config: NO_VECTOR,
+                config_generation: 0,
+                isr: 0,
+                queues: vec![reset_queue(max); nq],
+                config,
+                msix: msix.state().clone(),
+                bar_addr: None,
+            },
+            msix,
+            kicks,
+            calls,
+        }));
+        let weak = Arc::downgrade(&inner);
+        device.set_config_notifier(Arc::new(move || {
+            if let Some(inner) = weak.upgrade() {
+                let mut inner = inner.lock().unwrap_or_else(PoisonError::into_inner);
+                config_changed(&mut inner);
+            }
+        }));
         Ok(VirtioPciTransport {
-            inner: Mutex::new(Inner {
-                state: TransportState {
-                    status: 0,
-                    device_feature_select: 0,
-                    driver_feature_select: 0,
-                    driver_features: 0,
-                    queue_select: 0,
-                    msix_config: NO_VECTOR,
-                    config_generation: 0,
-                    isr: 0,
-                    queues: vec![reset_queue(max); nq],
-                    config,
-                    msix: msix.state().clone(),
-                    bar_addr: None,
-                },
-                msix,
-                kicks,
-                calls,
-            }),
+            inner,
             device,
             memory,
             ioevents,
@@ -305,23 +314,12 @@ impl<M: GuestMemoryBackend + Send + Sync> VirtioPciTransport<M> {
             self.counters.needs_reset.inc();
         }
         inner.state.status |= STATUS_NEEDS_RESET;
-        inner.state.config_generation = inner.state.config_generation.wrapping_add(1);
-        self.config_interrupt(inner);
-    }
-
-    fn config_interrupt(&self, inner: &mut Inner) {
-        inner.state.isr |= 2;
-        let vector = inner.state.msix_config;
-        if vector != NO_VECTOR {
-            inner.msix.trigger(vector);
-        }
+        config_changed(inner);
     }
 
     /// The device changed its configuration (e.g. a resized disk): tell the driver.
     pub fn signal_config_change(&self) {
-        let mut inner = self.lock();
-        inner.state.config_generation = inner.state.config_generation.wrapping_add(1);
-        self.config_interrupt(&mut inner);
+        config_changed(&mut self.lock());
     }
 
     /// The queues a restored device runs on: the enabled ones of the state loaded by
@@ -642,6 +640,16 @@ impl<M: GuestMemoryBackend + Send + Sync> VirtioPciTransport<M> {
             if valid { bar_offset } else { BAR_SIZE },
             width.min(len).min(4),
         ))
+    }
+}
+
+/// A new config generation and the config-change interrupt (ISR bit 1, the config MSI-X vector).
+fn config_changed(inner: &mut Inner) {
+    inner.state.config_generation = inner.state.config_generation.wrapping_add(1);
+    inner.state.isr |= 2;
+    let vector = inner.state.msix_config;
+    if vector != NO_VECTOR {
+        inner.msix.trigger(vector);
     }
 }
 

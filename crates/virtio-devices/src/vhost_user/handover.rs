@@ -4,18 +4,16 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use super::{deadline, is_disconnect, vu, Conn, Kind, VhostUserDevice, VhostUserState};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::VhostBackend;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
-
-use super::{vu, Conn, Counters, Kind, VhostUserDevice, VhostUserState};
 
 /// Longest wait for in-flight requests before a ring is stopped (a live update's pause).
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -65,34 +63,25 @@ impl VhostUserDevice {
                 call: call.clone(),
             });
         }
-        let frontend = Frontend::from_stream(
-            std::os::unix::net::UnixStream::from(socket_fd),
-            u64::from(num_queues),
+        let stream = std::os::unix::net::UnixStream::from(socket_fd);
+        let frontend = Frontend::from_stream(stream, u64::from(num_queues));
+        let mut conn = Conn::new(Some(frontend));
+        conn.session_ready = true;
+        conn.state = state;
+        conn.inflight_file = inflight.map(File::from);
+        conn.queues = queues;
+        let dev = Arc::new(
+            VhostUserDevice::new(kind, socket, num_queues, queue_size, memory, conn, true)
+                .map_err(Error::EventFd)?,
         );
-        let dev = Arc::new(VhostUserDevice {
-            kind,
-            socket,
-            num_queues: usize::from(num_queues),
-            queue_size,
-            memory,
-            conn: Mutex::new(Conn {
-                frontend: Some(frontend),
-                session_ready: true,
-                state,
-                inflight_file: inflight.map(File::from),
-                queues,
-            }),
-            reteach: AtomicBool::new(true),
-            stop: AtomicBool::new(false),
-            stop_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?),
-            monitor: Mutex::new(None),
-            counters: Counters::default(),
-        });
+        let _ = dev.me.set(Arc::downgrade(&dev));
         {
             let mut conn = dev.lock();
             if conn.state.active && !conn.state.paused {
-                dev.reteach(&mut conn)?;
-                dev.start_vrings(&mut conn)?;
+                deadline::bounded(conn.fd(), || {
+                    dev.reteach(&mut conn)?;
+                    dev.start_vrings(&mut conn)
+                })?;
             }
         }
         dev.start();
@@ -107,7 +96,10 @@ impl VhostUserDevice {
             return Ok(());
         }
         let Conn {
-            frontend, state, ..
+            frontend,
+            state,
+            backend_req,
+            ..
         } = conn;
         let Some(frontend) = frontend.as_mut() else {
             return Ok(());
@@ -130,7 +122,26 @@ impl VhostUserDevice {
                 .set_features(Self::backend_ack(state))
                 .map_err(vu("SET_FEATURES"))?;
         }
+        // The predecessor's backend request channel dies with it: this process opens its own
+        // and reads the configuration again (a change reported in between went to the
+        // predecessor, which had stopped speaking to the backend).
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            match self.open_backend_req(frontend, backend_req) {
+                Err(e) if is_disconnect(&e) => return Err(e),
+                Err(e) => log::warn!(
+                    "vhost-user {}: no backend request channel: {e}",
+                    self.socket.display()
+                ),
+                Ok(()) => {}
+            }
+        }
         self.reteach.store(false, Ordering::SeqCst);
+        if self.kind == Kind::Block
+            && protocol.contains(VhostUserProtocolFeatures::CONFIG)
+            && self.refresh_config(conn)?
+        {
+            self.notify_config_later();
+        }
         Ok(())
     }
 
@@ -163,8 +174,10 @@ impl VhostUserDevice {
         conn.state = state;
         conn.queues = queues;
         if conn.state.active && !conn.state.paused {
-            self.reteach(&mut conn)?;
-            self.start_vrings(&mut conn)?;
+            deadline::bounded(conn.fd(), || {
+                self.reteach(&mut conn)?;
+                self.start_vrings(&mut conn)
+            })?;
         }
         Ok(())
     }

@@ -9,10 +9,12 @@
 //! ```text
 //!            connect + handshake                    DRIVER_OK
 //!   start ───────────────────────► connected ─────────────────────► running
-//!                                     ▲  │ HUP                        │ HUP  │ pause(): GET_VRING_BASE
-//!                                     │  ▼                            ▼      ▼
-//!                   reconnect + replay disconnected ◄───────────── (rings) paused ──resume()──► running
+//!                                     ▲  │ HUP / silent               │ HUP / silent  │ pause(): GET_VRING_BASE
+//!                                     │  ▼                            ▼               ▼
+//!                   reconnect + replay disconnected ◄───────────── (rings)         paused ──resume()──► running
 //! ```
+//!
+//! ("silent": no answer within [`REPLY_TIMEOUT`]; at boot that fails the device instead.)
 //!
 //! A monitor thread (holding only a weak reference) polls the socket for hang-up; it then
 //! reconnects with backoff and replays features, memory table, inflight fd and the vrings with
@@ -22,11 +24,19 @@
 //! A live update hands the connection to a successor VMM (`handover.rs`); a snapshot restored
 //! in a new process connects afresh and starts the saved rings at the used index in guest
 //! memory (`restore.rs`).
+//!
+//! Every conversation with the backend is bounded by [`REPLY_TIMEOUT`] (`deadline.rs`): a
+//! backend that accepts the connection and then says nothing fails the boot with
+//! [`Error::NoReply`], and once the device runs it is dropped like a backend that hung up (the
+//! monitor reconnects). A disk's backend may report a changed capacity on the backend request
+//! channel (`backend_req.rs`); each session opens its own.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -40,8 +50,10 @@ use vhost::VhostBackend;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{ActiveQueue, Error, QueueConfig, VirtioDevice, TYPE_BLOCK, TYPE_NET};
+use crate::{ActiveQueue, ConfigNotifier, Error, QueueConfig, VirtioDevice, TYPE_BLOCK, TYPE_NET};
 
+mod backend_req;
+mod deadline;
 mod handover;
 mod reconnect;
 mod restore;
@@ -57,7 +69,11 @@ const NET_CTRL_FEATURES: u64 =
 const PROTOCOL_WANTED: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::CONFIG)
     .union(VhostUserProtocolFeatures::REPLY_ACK)
-    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    .union(VhostUserProtocolFeatures::BACKEND_REQ);
+/// Longest a conversation with a backend may take (one request, or a set-up's sequence of
+/// them), and longest wait for the rest of a backend request once it started.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_START: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -119,8 +135,12 @@ pub struct Counters {
     pub config_reads: Counter,
     pub config_writes: Counter,
     pub backend_errors: Counter,
-    /// Wake-ups of the monitor thread (hang-ups and shutdown only, never per I/O).
+    /// Wake-ups of the monitor thread (hang-ups, config changes and shutdown, never per I/O).
     pub monitor_wakeups: Counter,
+    /// CONFIG_CHANGE_MSGs taken from the backend.
+    pub config_changes: Counter,
+    /// Conversations the backend did not answer within [`REPLY_TIMEOUT`].
+    pub timeouts: Counter,
 }
 
 struct Conn {
@@ -130,6 +150,30 @@ struct Conn {
     state: VhostUserState,
     inflight_file: Option<File>,
     queues: Vec<ActiveQueue>,
+    /// Our end of this connection's backend request channel (shut down to end its thread).
+    backend_req: Option<UnixStream>,
+    /// The backend reported a config change while the device couldn't ask for it (paused or
+    /// disconnected): read again on resume.
+    config_stale: bool,
+}
+
+impl Conn {
+    /// The connection's socket, if connected.
+    fn fd(&self) -> Option<std::os::fd::RawFd> {
+        self.frontend.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    fn new(frontend: Option<Frontend>) -> Self {
+        Conn {
+            frontend,
+            session_ready: false,
+            state: VhostUserState::default(),
+            inflight_file: None,
+            queues: Vec::new(),
+            backend_req: None,
+            config_stale: false,
+        }
+    }
 }
 
 /// A virtio-blk or virtio-net device served by a vhost-user backend.
@@ -145,6 +189,11 @@ pub struct VhostUserDevice {
     reteach: AtomicBool,
     stop: AtomicBool,
     stop_evt: Arc<EventFd>,
+    /// Written when the transport must be told of a config change by the monitor thread.
+    config_evt: EventFd,
+    notifier: Mutex<Option<ConfigNotifier>>,
+    /// This device, for the threads it starts.
+    me: OnceLock<Weak<Self>>,
     monitor: Mutex<Option<JoinHandle<()>>>,
     pub counters: Counters,
 }
@@ -190,7 +239,7 @@ pub enum StartError {
 fn is_disconnect(e: &Error) -> bool {
     use vhost::vhost_user::Error as U;
     match e {
-        Error::Disconnected => true,
+        Error::Disconnected | Error::NoReply { .. } => true,
         Error::VhostUser {
             source: vhost::Error::VhostUserProtocol(u),
             ..
@@ -226,43 +275,43 @@ impl VhostUserDevice {
                 source,
             }
         })?;
-        let dev = VhostUserDevice {
-            kind,
-            socket: socket.clone(),
-            num_queues: usize::from(num_queues),
-            queue_size,
-            memory,
-            conn: Mutex::new(Conn {
-                frontend: None,
-                session_ready: false,
-                state: VhostUserState::default(),
-                inflight_file: None,
-                queues: Vec::new(),
-            }),
-            reteach: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            stop_evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::EventFd)?),
-            monitor: Mutex::new(None),
-            counters: Counters::default(),
-        };
+        let dev = Arc::new(
+            VhostUserDevice::new(
+                kind,
+                socket.clone(),
+                num_queues,
+                queue_size,
+                memory,
+                Conn::new(None),
+                false,
+            )
+            .map_err(StartError::EventFd)?,
+        );
+        // Before the handshake: the backend request channel's thread needs it.
+        let _ = dev.me.set(Arc::downgrade(&dev));
         {
             let mut conn = dev.lock();
             let mut frontend = frontend;
-            dev.handshake(&mut frontend, &mut conn.state)
-                .map_err(|source| StartError::Handshake {
-                    path: socket.clone(),
-                    source,
-                })?;
-            let protocol =
-                VhostUserProtocolFeatures::from_bits_truncate(conn.state.protocol_features);
-            if protocol.contains(VhostUserProtocolFeatures::MQ) {
-                let offered = frontend
+            let Conn {
+                state, backend_req, ..
+            } = &mut *conn;
+            let offered = deadline::bounded(Some(frontend.as_raw_fd()), || {
+                dev.handshake(&mut frontend, state, backend_req)?;
+                let protocol =
+                    VhostUserProtocolFeatures::from_bits_truncate(state.protocol_features);
+                if !protocol.contains(VhostUserProtocolFeatures::MQ) {
+                    return Ok(None);
+                }
+                frontend
                     .get_queue_num()
                     .map_err(vu("GET_QUEUE_NUM"))
-                    .map_err(|source| StartError::Handshake {
-                        path: socket.clone(),
-                        source,
-                    })?;
+                    .map(Some)
+            })
+            .map_err(|source| StartError::Handshake {
+                path: socket.clone(),
+                source,
+            })?;
+            if let Some(offered) = offered {
                 if offered < u64::from(num_queues) {
                     return Err(StartError::QueueCount {
                         path: socket,
@@ -276,9 +325,37 @@ impl VhostUserDevice {
             }
             conn.frontend = Some(frontend);
         }
-        let dev = Arc::new(dev);
         dev.start();
         Ok(dev)
+    }
+
+    /// A device around `conn`, not yet watched (see [`Self::start`]).
+    fn new(
+        kind: Kind,
+        socket: PathBuf,
+        num_queues: u16,
+        queue_size: u16,
+        memory: GuestMemoryMmap,
+        conn: Conn,
+        reteach: bool,
+    ) -> std::io::Result<Self> {
+        let evt = || EventFd::new(libc::EFD_NONBLOCK);
+        Ok(VhostUserDevice {
+            kind,
+            socket,
+            num_queues: usize::from(num_queues),
+            queue_size,
+            memory,
+            conn: Mutex::new(conn),
+            reteach: AtomicBool::new(reteach),
+            stop: AtomicBool::new(false),
+            stop_evt: Arc::new(evt()?),
+            config_evt: evt()?,
+            notifier: Mutex::new(None),
+            me: OnceLock::new(),
+            monitor: Mutex::new(None),
+            counters: Counters::default(),
+        })
     }
 
     /// The device for `--disk socket=…` (virtio-blk over vhost-user).
@@ -312,6 +389,7 @@ impl VhostUserDevice {
     /// Starts the thread that watches the socket and reconnects.
     /// (Already done by the constructors; a second call does nothing.)
     pub fn start(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
         let mut monitor = self.monitor.lock().unwrap_or_else(PoisonError::into_inner);
         if monitor.is_some() {
             return;
@@ -327,9 +405,15 @@ impl VhostUserDevice {
         }
     }
 
-    /// Stops the monitor thread (waits for it).
+    /// Stops the monitor thread (waits for it) and the backend request channel: after a live
+    /// update's commit the successor alone speaks to the backend.
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        {
+            // Under the lock: a backend request being served finishes first, none starts.
+            let mut conn = self.lock();
+            self.stop.store(true, Ordering::SeqCst);
+            backend_req::close(conn.backend_req.take());
+        }
         let _ = self.stop_evt.write(1);
         let handle = self
             .monitor
@@ -348,12 +432,49 @@ impl VhostUserDevice {
     pub fn connected(&self) -> bool {
         self.lock().frontend.is_some()
     }
+
+    /// Drops a connection that can't be trusted any more (the backend stopped answering, or
+    /// a reply came late and the conversation is out of step). Shutting the socket down wakes
+    /// the monitor, which reconnects and replays.
+    fn lose_connection(&self, conn: &mut Conn) {
+        if let Some(f) = conn.frontend.take() {
+            // SAFETY: `f` owns this open socket until it is dropped below; shutdown(2) changes
+            // no memory of ours.
+            unsafe { libc::shutdown(f.as_raw_fd(), libc::SHUT_RDWR) };
+            self.counters.disconnects.inc();
+            log::warn!(
+                "vhost-user {}: connection lost or silent, reconnecting",
+                self.socket.display()
+            );
+        }
+        conn.session_ready = false;
+        backend_req::close(conn.backend_req.take());
+    }
+
+    /// Sorts a failed request: a lost connection is dropped (the monitor replays the set-up
+    /// later) and counted; the error is returned either way.
+    fn request_failed(&self, conn: &mut Conn, e: &Error) -> bool {
+        let lost = is_disconnect(e);
+        if matches!(e, Error::NoReply { .. }) {
+            self.counters.timeouts.inc();
+            self.counters.backend_errors.inc();
+        } else if !lost {
+            // A hang-up is counted as a disconnect, not as an error of the backend.
+            self.counters.backend_errors.inc();
+        }
+        if lost {
+            self.lose_connection(conn);
+        }
+        lost
+    }
 }
 
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.stop_evt.write(1);
+        let conn = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner);
+        backend_req::close(conn.backend_req.take());
     }
 }
 
@@ -422,15 +543,17 @@ impl VirtioDevice for VhostUserDevice {
             return;
         }
         conn.state.config[off..off + data.len()].copy_from_slice(data);
-        if self.reteach(&mut conn).is_err() {
-            self.counters.backend_errors.inc();
-        }
-        if let Some(f) = conn.frontend.as_mut() {
-            if f.set_config(off as u32, VhostUserConfigFlags::WRITABLE, data)
-                .is_err()
-            {
-                self.counters.backend_errors.inc();
+        let r = deadline::bounded(conn.fd(), || {
+            self.reteach(&mut conn)?;
+            match conn.frontend.as_mut() {
+                Some(f) => f
+                    .set_config(off as u32, VhostUserConfigFlags::WRITABLE, data)
+                    .map_err(vu("SET_CONFIG")),
+                None => Ok(()),
             }
+        });
+        if let Err(e) = r {
+            self.request_failed(&mut conn, &e);
         }
     }
 
@@ -462,20 +585,21 @@ impl VirtioDevice for VhostUserDevice {
             // The monitor replays this when the backend is back.
             return Ok(());
         }
-        match self
-            .reteach(&mut conn)
-            .and_then(|()| self.start_vrings(&mut conn))
-        {
-            // A backend dying mid-set-up is a disconnect (the monitor replays), not a guest error.
-            Err(e) if is_disconnect(&e) => {
-                log::warn!(
-                    "vhost-user {}: set-up interrupted: {e}",
-                    self.socket.display()
-                );
-                Ok(())
-            }
+        let r = deadline::bounded(conn.fd(), || {
+            self.reteach(&mut conn)?;
+            self.start_vrings(&mut conn)
+        });
+        match r {
+            // A backend dying (or going silent) mid-set-up is a disconnect (the monitor
+            // replays), not a guest error.
             Err(e) => {
-                self.counters.backend_errors.inc();
+                if self.request_failed(&mut conn, &e) {
+                    log::warn!(
+                        "vhost-user {}: set-up interrupted: {e}",
+                        self.socket.display()
+                    );
+                    return Ok(());
+                }
                 Err(e)
             }
             Ok(()) => Ok(()),
@@ -486,11 +610,24 @@ impl VirtioDevice for VhostUserDevice {
         let mut conn = self.lock();
         if conn.state.active {
             let indices: Vec<usize> = conn.state.vrings.iter().map(|v| v.index).collect();
-            if let Some(f) = conn.frontend.as_mut() {
-                for i in indices {
-                    // Stops the ring; the base is irrelevant after a reset.
-                    let _ = f.get_vring_base(i);
+            let r = deadline::bounded(conn.fd(), || {
+                let mut first_error = Ok(());
+                if let Some(f) = conn.frontend.as_mut() {
+                    for i in indices {
+                        // Stops the ring; the base is irrelevant after a reset.
+                        let r = f.get_vring_base(i).map_err(vu("GET_VRING_BASE"));
+                        if let Err(e) = r {
+                            if is_disconnect(&e) {
+                                return Err(e);
+                            }
+                            first_error = first_error.and(Err(e));
+                        }
+                    }
                 }
+                first_error
+            });
+            if let Err(e) = r {
+                self.request_failed(&mut conn, &e);
             }
         }
         conn.state.active = false;
@@ -508,19 +645,33 @@ impl VirtioDevice for VhostUserDevice {
             return Ok(());
         }
         self.drain(&conn);
-        let Conn {
-            frontend, state, ..
-        } = &mut *conn;
-        match frontend.as_mut() {
-            Some(f) => {
-                for vring in &mut state.vrings {
+        let conn: &mut Conn = &mut conn;
+        let mut bases = Vec::with_capacity(conn.state.vrings.len());
+        let r = deadline::bounded(conn.fd(), || {
+            if let Some(f) = conn.frontend.as_mut() {
+                for vring in &conn.state.vrings {
                     let base = f
                         .get_vring_base(vring.index)
                         .map_err(vu("GET_VRING_BASE"))?;
-                    vring.base = base as u16;
+                    bases.push(base as u16);
                 }
             }
-            None => self.bases_from_used_ring(state),
+            Ok(())
+        });
+        if let Err(e) = r {
+            if !self.request_failed(conn, &e) {
+                return Err(e);
+            }
+            // Gone or silent: as if it had crashed just before the pause.
+            bases.clear();
+        }
+        let state = &mut conn.state;
+        if bases.len() == state.vrings.len() && !bases.is_empty() {
+            for (vring, base) in state.vrings.iter_mut().zip(bases) {
+                vring.base = base;
+            }
+        } else {
+            self.bases_from_used_ring(state);
         }
         state.paused = true;
         Ok(())
@@ -532,20 +683,40 @@ impl VirtioDevice for VhostUserDevice {
             return Ok(());
         }
         conn.state.paused = false;
-        if conn.frontend.is_some() {
-            self.reteach(&mut conn)?;
-            self.start_vrings(&mut conn)?;
+        if conn.frontend.is_none() {
+            return Ok(());
         }
-        Ok(())
+        let mut changed = false;
+        let r = deadline::bounded(conn.fd(), || {
+            self.reteach(&mut conn)?;
+            if conn.config_stale {
+                changed = self.refresh_config(&mut conn)?;
+            }
+            self.start_vrings(&mut conn)
+        });
+        if changed {
+            self.notify_config_later();
+        }
+        match r {
+            // The monitor replays on the next connection.
+            Err(e) if self.request_failed(&mut conn, &e) => Ok(()),
+            other => other,
+        }
     }
 
     fn save(&self) -> serde_json::Value {
         serde_json::to_value(self.state()).unwrap_or_default()
     }
 
+    fn set_config_notifier(&self, notifier: ConfigNotifier) {
+        *self.notifier.lock().unwrap_or_else(PoisonError::into_inner) = Some(notifier);
+    }
+
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let c = &self.counters;
         vec![
+            ("config_changes", c.config_changes.get()),
+            ("timeouts", c.timeouts.get()),
             ("disconnects", c.disconnects.get()),
             ("reconnects", c.reconnects.get()),
             ("config_reads", c.config_reads.get()),

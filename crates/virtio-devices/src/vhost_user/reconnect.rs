@@ -5,10 +5,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use vhost::vhost_user::Frontend;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{VhostUserDevice, BACKOFF_MAX, BACKOFF_START};
+use vhost::vhost_user::Frontend;
+
+use super::{backend_req, deadline, VhostUserDevice, BACKOFF_MAX, BACKOFF_START};
 
 impl VhostUserDevice {
     /// One reconnection attempt: connect, handshake, replay. False if the backend isn't back.
@@ -18,7 +19,12 @@ impl VhostUserDevice {
         };
         let mut conn = self.lock();
         let mut st = conn.state.clone();
-        if let Err(e) = self.handshake(&mut frontend, &mut st) {
+        let old_config = st.config.clone();
+        let fd = Some(frontend.as_raw_fd());
+        let shaken = deadline::bounded(fd, || {
+            self.handshake(&mut frontend, &mut st, &mut conn.backend_req)
+        });
+        if let Err(e) = shaken {
             log::warn!(
                 "vhost-user {}: handshake after reconnect failed: {e}",
                 self.socket.display()
@@ -29,14 +35,20 @@ impl VhostUserDevice {
         if st.active && !st.paused {
             self.bases_from_used_ring(&mut st);
         }
+        // A disk grown while the backend was away: its driver hears of it now.
+        if st.active && !old_config.is_empty() && st.config != old_config {
+            self.notify_config_later();
+        }
+        conn.config_stale = false;
         conn.state = st;
         conn.frontend = Some(frontend);
         conn.session_ready = false;
         if conn.state.active && !conn.state.paused {
-            if let Err(e) = self.start_vrings(&mut conn) {
+            if let Err(e) = deadline::bounded(fd, || self.start_vrings(&mut conn)) {
                 log::warn!("vhost-user {}: replay failed: {e}", self.socket.display());
                 self.counters.backend_errors.inc();
                 conn.frontend = None;
+                backend_req::close(conn.backend_req.take());
                 return false;
             }
         }
@@ -53,6 +65,7 @@ impl VhostUserDevice {
     pub(super) fn mark_disconnected(&self) {
         let mut conn = self.lock();
         conn.session_ready = false;
+        backend_req::close(conn.backend_req.take());
         if conn.frontend.take().is_some() {
             self.counters.disconnects.inc();
             log::warn!("vhost-user {}: backend disconnected", self.socket.display());
@@ -73,11 +86,15 @@ pub(super) fn monitor(weak: Weak<VhostUserDevice>, stop: Arc<EventFd>) {
         match dev.socket_fd() {
             Some(fd) => {
                 backoff = BACKOFF_START;
+                let config = dev.config_evt.as_raw_fd();
                 drop(dev);
-                let hup = wait(fd, &stop, -1);
+                let woke = wait(fd, config, &stop, -1);
                 let Some(dev) = weak.upgrade() else { return };
                 dev.counters.monitor_wakeups.inc();
-                if hup {
+                if woke.config && dev.config_evt.read().is_ok() {
+                    dev.notify_config_now();
+                }
+                if woke.hup {
                     dev.mark_disconnected();
                 }
             }
@@ -85,7 +102,7 @@ pub(super) fn monitor(weak: Weak<VhostUserDevice>, stop: Arc<EventFd>) {
                 if !dev.try_reconnect() {
                     drop(dev);
                     let ms = i32::try_from(backoff.as_millis()).unwrap_or(i32::MAX);
-                    wait(-1, &stop, ms);
+                    wait(-1, -1, &stop, ms);
                     backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
@@ -93,9 +110,17 @@ pub(super) fn monitor(weak: Weak<VhostUserDevice>, stop: Arc<EventFd>) {
     }
 }
 
-/// Waits up to `timeout_ms` (-1: forever) for the peer of `fd` to hang up (true) or for
-/// `stop` (false). A negative `fd` is ignored by poll(2).
-fn wait(fd: RawFd, stop: &EventFd, timeout_ms: i32) -> bool {
+/// What woke the monitor.
+struct Woke {
+    /// The backend hung up.
+    hup: bool,
+    /// A config change is to be told to the transport.
+    config: bool,
+}
+
+/// Waits up to `timeout_ms` (-1: forever) for the peer of `fd` to hang up, for `config` to be
+/// readable, or for `stop`. A negative fd is ignored by poll(2).
+fn wait(fd: RawFd, config: RawFd, stop: &EventFd, timeout_ms: i32) -> Woke {
     let mut pfds = [
         libc::pollfd {
             fd,
@@ -107,9 +132,17 @@ fn wait(fd: RawFd, stop: &EventFd, timeout_ms: i32) -> bool {
             events: libc::POLLIN,
             revents: 0,
         },
+        libc::pollfd {
+            fd: config,
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
-    // SAFETY: `pfds` is a valid array of two pollfds for the duration of the call.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, timeout_ms) };
+    // SAFETY: `pfds` is a valid array of three pollfds for the duration of the call.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
     let hup = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
-    n > 0 && pfds[0].revents & hup != 0
+    Woke {
+        hup: n > 0 && pfds[0].revents & hup != 0,
+        config: n > 0 && pfds[2].revents & libc::POLLIN != 0,
+    }
 }

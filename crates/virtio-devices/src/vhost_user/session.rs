@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{
@@ -12,17 +13,20 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{
-    vu, Conn, InflightInfo, Kind, MemRegionLabel, VhostUserDevice, VhostUserState, BLK_CONFIG_SIZE,
-    PROTOCOL_WANTED,
+    is_disconnect, vu, Conn, InflightInfo, Kind, MemRegionLabel, VhostUserDevice, VhostUserState,
+    BLK_CONFIG_SIZE, PROTOCOL_WANTED,
 };
 use crate::Error;
 
 impl VhostUserDevice {
     /// Features, protocol features, owner, and the device config cache.
+    /// A disk whose backend offers BACKEND_REQ also gets a new backend request channel
+    /// (replacing `channel`).
     pub(super) fn handshake(
         &self,
         frontend: &mut Frontend,
         st: &mut VhostUserState,
+        channel: &mut Option<UnixStream>,
     ) -> Result<(), Error> {
         let features = frontend.get_features().map_err(vu("GET_FEATURES"))?;
         st.backend_features = features;
@@ -32,6 +36,10 @@ impl VhostUserDevice {
                 .get_protocol_features()
                 .map_err(vu("GET_PROTOCOL_FEATURES"))?;
             protocol = offered & PROTOCOL_WANTED;
+            if self.kind != Kind::Block {
+                // A net device's config space is the VMM's own: nothing to be told about.
+                protocol.remove(VhostUserProtocolFeatures::BACKEND_REQ);
+            }
             frontend
                 .set_protocol_features(protocol)
                 .map_err(vu("SET_PROTOCOL_FEATURES"))?;
@@ -52,6 +60,17 @@ impl VhostUserDevice {
                 )
                 .map_err(vu("GET_CONFIG"))?;
             st.config = config;
+        }
+        if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            match self.open_backend_req(frontend, channel) {
+                Err(e) if is_disconnect(&e) => return Err(e),
+                // The device works without: a grown disk then shows on the next connection.
+                Err(e) => log::warn!(
+                    "vhost-user {}: no backend request channel: {e}",
+                    self.socket.display()
+                ),
+                Ok(()) => {}
+            }
         }
         Ok(())
     }
@@ -101,6 +120,7 @@ impl VhostUserDevice {
             state: st,
             inflight_file,
             queues,
+            ..
         } = conn;
         let frontend = frontend.as_mut().ok_or(Error::Disconnected)?;
         if !*session_ready {

@@ -10,7 +10,8 @@
 //! - `blk-loop`: rounds of write + verify of `blk_every` numbered blocks, with a progress line
 //!   `OUTBOARD_BLK_PROGRESS round=<r> blocks=<total> errors=<n> ns=<clock>` per round; it waits
 //!   through stalls (a restarting backend) instead of failing;
-//! - `blk-bench`: timed passes without pattern work (see [`bench`]).
+//! - `blk-bench`: timed passes without pattern work (see [`bench`]);
+//! - `blk-grow`: waits for the disk to grow (see [`grow`]), then uses the new area.
 //!
 //! Result: `OUTBOARD_BLK_RESULT ok=<0|1> op=<command> written=<n> verified=<n> queues=<q>
 //! errors=<n> unit=<bytes> capacity=<sectors> irqs=<n> [first_bad_sector=<s> offset=<o>
@@ -19,6 +20,8 @@
 use super::Env;
 use crate::println;
 use crate::virtio::blk::{Blk, Counts, Op, Plan};
+use crate::virtio::Deadline;
+use outboard_testguest_parse::pattern::spread_sector;
 
 const NS_PER_MS: u64 = 1_000_000;
 
@@ -317,5 +320,80 @@ pub fn bench(env: &Env) {
             break;
         }
     }
+    let _ = blk.dev.reset();
+}
+
+/// `blk-grow` (needs `outboard.virtio_irq=1`): prints `OUTBOARD_BLK_CAPACITY sectors=<n>`, waits
+/// up to `outboard.blk_grow_ms=` (120000) for the config-change interrupt and a larger capacity,
+/// prints `OUTBOARD_BLK_GROWN old=<n> new=<n> config_irqs=<n> first_sector=<s>`, then writes,
+/// flushes and verifies those of `blk_sectors` blocks spread over the new capacity that lie
+/// beyond the old end (the first at `first_sector`).
+pub fn grow(env: &Env) {
+    const NAME: &str = "blk-grow";
+    let Some(p) = params(env, NAME) else { return };
+    let Some(grow_ms) = env.param_u64(NAME, "outboard.blk_grow_ms", 120_000) else {
+        return;
+    };
+    let Some(mut blk) = open(NAME, &p) else {
+        return;
+    };
+    let none = Counts::default();
+    if !crate::irq::enabled() {
+        return report(
+            NAME,
+            &blk,
+            0,
+            &none,
+            Some(&"outboard.virtio_irq=1 is needed"),
+        );
+    }
+    let old = blk.capacity;
+    let irqs_before = crate::irq::entry_interrupts(0);
+    println!("OUTBOARD_BLK_CAPACITY sectors={old}");
+    let mut deadline = Deadline::new(env.clock, grow_ms.saturating_mul(NS_PER_MS));
+    loop {
+        let irqs = crate::irq::entry_interrupts(0);
+        if irqs != irqs_before && blk.reread_capacity() > old {
+            break;
+        }
+        if deadline.expired() {
+            let why = "no config interrupt with a larger capacity";
+            return report(NAME, &blk, 0, &none, Some(&why));
+        }
+        crate::irq::wait();
+    }
+    let count = p.sectors.max(2);
+    let spu = blk.sectors_per_unit();
+    let first =
+        (0..count).find(|&b| spread_sector(b, count, blk.capacity, spu).is_some_and(|s| s >= old));
+    let Some(first) = first else {
+        let why = "no block of the spread lies in the grown area";
+        return report(NAME, &blk, 0, &none, Some(&why));
+    };
+    println!(
+        "OUTBOARD_BLK_GROWN old={old} new={} config_irqs={} first_sector={}",
+        blk.capacity,
+        crate::irq::entry_interrupts(0).wrapping_sub(irqs_before),
+        spread_sector(first, count, blk.capacity, spu).unwrap_or(0)
+    );
+    let n = count - first;
+    let mut counts = match blk.transfer(&plan(Op::Write, &p, first, n, count, false), env.clock) {
+        Ok(c) => c,
+        Err(e) => return report(NAME, &blk, 0, &none, Some(&e)),
+    };
+    let written = counts.done - counts.errors;
+    if let Err(e) = blk.flush(env.clock, p.timeout_ns, false) {
+        return report(NAME, &blk, written, &counts, Some(&e));
+    }
+    match blk.transfer(&plan(Op::ReadVerify, &p, first, n, count, false), env.clock) {
+        Ok(c) => {
+            counts.verified = c.verified;
+            counts.errors += c.errors;
+            counts.first_mismatch = c.first_mismatch;
+            counts.first_status = counts.first_status.or(c.first_status);
+        }
+        Err(e) => return report(NAME, &blk, written, &counts, Some(&e)),
+    }
+    report(NAME, &blk, written, &counts, None);
     let _ = blk.dev.reset();
 }

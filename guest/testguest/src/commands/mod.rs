@@ -103,6 +103,10 @@ pub static COMMANDS: &[Command] = &[
         run: blk::bench,
     },
     Command {
+        name: "blk-grow",
+        run: blk::grow,
+    },
+    Command {
         name: "net-exchange",
         run: net::run,
     },

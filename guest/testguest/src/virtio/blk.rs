@@ -181,6 +181,21 @@ impl Blk {
         ok
     }
 
+    /// Reads the capacity again (a grown disk), the same config generation before and after
+    /// (virtio 1.2, 4.1.4.3.1); keeps the old value if the device never holds still.
+    pub fn reread_capacity(&mut self) -> u64 {
+        for _ in 0..100 {
+            let generation = self.dev.config_generation();
+            let capacity =
+                u64::from(self.dev.config.read32(0)) | u64::from(self.dev.config.read32(4)) << 32;
+            if self.dev.config_generation() == generation {
+                self.capacity = capacity;
+                break;
+            }
+        }
+        self.capacity
+    }
+
     pub fn sectors_per_unit(&self) -> u64 {
         self.unit / SECTOR
     }

@@ -46,6 +46,7 @@ pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
 pub const DRIVER_FEATURE: u64 = 0x0C;
 pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
 pub const DEVICE_STATUS: u64 = 0x14;
+pub const CONFIG_GENERATION: u64 = 0x15;
 pub const QUEUE_SELECT: u64 = 0x16;
 pub const QUEUE_SIZE: u64 = 0x18;
 pub const QUEUE_MSIX_VECTOR: u64 = 0x1A;
@@ -289,6 +290,11 @@ impl Device {
             });
         }
         Ok(())
+    }
+
+    /// The device's config generation (changes whenever its configuration does).
+    pub fn config_generation(&self) -> u8 {
+        self.common.read8(CONFIG_GENERATION)
     }
 
     pub fn driver_ok(&self) {
