@@ -1,7 +1,8 @@
 //! Whole vhost-user messages (header, payload and the descriptors sent with them), read from
 //! and written to a Unix socket. The card puts small relays between a front end and an
 //! unmodified rust-vmm `VhostUserDaemon` (card-storage: the in-flight messages the daemon lacks;
-//! card-net: a QEMU negotiation quirk); this is what they are built from.
+//! card-net: a QEMU negotiation quirk); this is what they are built from. The VMM's vhost-user
+//! disks read their backend request channel (CONFIG_CHANGE_MSG) with it too.
 //!
 //! A message is `request: u32, flags: u32, size: u32` (little-endian) then `size` bytes;
 //! descriptors travel as SCM_RIGHTS with the header's bytes. A payload above [`MAX_PAYLOAD`] is
