@@ -10,29 +10,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{exit_code, testguest, TIMEOUT};
+use common::{card_binary, exit_code, testguest, TIMEOUT};
 use outboard_guest_harness::{kvm_available, marker, wait_for_path, Daemon, GuestVm};
-
-fn card_binary(test: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("OUTBOARD_CARD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_outboard-vmm")).with_file_name("outboard-card")
-        });
-    if path.exists() {
-        return Some(path);
-    }
-    eprintln!(
-        "SKIP: {test}: no outboard-card binary at {} (cargo build -p outboard-card, or set \
-         OUTBOARD_CARD)",
-        path.display()
-    );
-    None
-}
 
 /// A store with one encrypted 32 MiB volume, in a scratch directory removed on drop.
 struct Store {

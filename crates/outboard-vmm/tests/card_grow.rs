@@ -18,30 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{exit_code, testguest, with_api, TIMEOUT};
+use common::{card_binary, exit_code, testguest, with_api, TIMEOUT};
 use outboard_guest_harness::{kvm_available, wait_for_path, Daemon};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 /// outboard_virtio_devices::vhost_user::REPLY_TIMEOUT.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn card_binary(test: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("OUTBOARD_CARD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_outboard-vmm")).with_file_name("outboard-card")
-        });
-    if path.exists() {
-        return Some(path);
-    }
-    eprintln!(
-        "SKIP: {test}: no outboard-card binary at {} (cargo build -p outboard-card, or set \
-         OUTBOARD_CARD)",
-        path.display()
-    );
-    None
-}
 
 /// `outboard-card serve` on a fresh store in a scratch directory (removed on drop).
 struct Card {

@@ -14,6 +14,25 @@ pub fn vmm() -> Runner {
     Runner::OutboardVmm(PathBuf::from(env!("CARGO_BIN_EXE_outboard-vmm")))
 }
 
+/// The outboard-card binary (next to outboard-vmm's, both built by `cargo test --workspace`,
+/// or named by `OUTBOARD_CARD`); None, after a `SKIP:` line, where it is missing.
+pub fn card_binary(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("OUTBOARD_CARD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_BIN_EXE_outboard-vmm")).with_file_name("outboard-card")
+        });
+    if path.exists() {
+        return Some(path);
+    }
+    eprintln!(
+        "SKIP: {test}: no outboard-card binary at {} (cargo build -p outboard-card, or set \
+         OUTBOARD_CARD)",
+        path.display()
+    );
+    None
+}
+
 /// A per-test path in the temp directory.
 pub fn temp_path(test: &str, suffix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("obvmm-{}-{test}{suffix}", std::process::id()))
