@@ -34,6 +34,15 @@ struct Card {
 }
 
 impl Card {
+    /// [`Card::serve`] where /dev/kvm and the card binary exist; None after a `SKIP:` line.
+    fn for_test(test: &str, store_mib: u64) -> Option<Self> {
+        if !kvm_available(test) {
+            return None;
+        }
+        let bin = card_binary(test)?;
+        Some(Self::serve(test, &bin, store_mib))
+    }
+
     fn serve(test: &str, card: &Path, store_mib: u64) -> Self {
         let dir = common::temp_path(test, ".d");
         let _ = std::fs::remove_dir_all(&dir);
@@ -162,13 +171,9 @@ impl Drop for Card {
 #[test]
 fn a_volume_grown_live_reaches_the_guest() {
     const TEST: &str = "a_volume_grown_live_reaches_the_guest";
-    if !kvm_available(TEST) {
-        return;
-    }
-    let Some(card_bin) = card_binary(TEST) else {
+    let Some(card) = Card::for_test(TEST, 128) else {
         return;
     };
-    let card = Card::serve(TEST, &card_bin, 128);
     card.create("g", 32);
     // A neighbour right behind it: the grown area is a second extent elsewhere on the store.
     card.create("n", 8);
@@ -222,13 +227,9 @@ fn grown_and_used(vm: &outboard_guest_harness::GuestVm, old: u64, new: u64) -> (
 #[test]
 fn a_grow_after_a_card_restart_and_a_live_update_reaches_the_guest() {
     const TEST: &str = "a_grow_after_a_card_restart_and_a_live_update_reaches_the_guest";
-    if !kvm_available(TEST) {
-        return;
-    }
-    let Some(card_bin) = card_binary(TEST) else {
+    let Some(mut card) = Card::for_test(TEST, 128) else {
         return;
     };
-    let mut card = Card::serve(TEST, &card_bin, 128);
     card.create("g", 16);
     let sock = card.attach("g");
     let (vm, api) = with_api(
@@ -313,13 +314,9 @@ fn a_backend_that_never_answers_fails_the_boot_in_time() {
 #[test]
 fn a_frozen_card_costs_a_pause_seconds_not_a_hang() {
     const TEST: &str = "a_frozen_card_costs_a_pause_seconds_not_a_hang";
-    if !kvm_available(TEST) {
-        return;
-    }
-    let Some(card_bin) = card_binary(TEST) else {
+    let Some(card) = Card::for_test(TEST, 64) else {
         return;
     };
-    let card = Card::serve(TEST, &card_bin, 64);
     card.create("g", 16);
     let sock = card.attach("g");
     let rounds = 6;
