@@ -167,9 +167,24 @@ impl VsockDevice {
         let state: VsockState =
             serde_json::from_value(saved.clone()).map_err(StartError::Malformed)?;
         self.reset();
-        let listener = self.listener_for_worker().map_err(StartError::Worker)?;
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(StartError::Worker)?);
-        let mut worker = worker::Worker::new(
+        let mut worker = self.new_worker(queues).map_err(StartError::Worker)?;
+        worker.load(state, streams).map_err(StartError::BadState)?;
+        *self.parked.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        Ok(())
+    }
+
+    /// A worker for `queues`, with its own stop eventfd and a handle on the host-side listener
+    /// (when bound); activation and restore both start from one.
+    fn new_worker(&self, queues: Vec<ActiveQueue>) -> std::io::Result<worker::Worker> {
+        let listener = self
+            .listener
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(UnixListener::try_clone)
+            .transpose()?;
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        worker::Worker::new(
             self.cid,
             self.uds_path.clone(),
             self.memory.clone(),
@@ -178,23 +193,9 @@ impl VsockDevice {
             stop,
             self.counters.clone(),
         )
-        .map_err(StartError::Worker)?;
-        worker.load(state, streams).map_err(StartError::BadState)?;
-        *self.parked.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
-        Ok(())
     }
 
     /// Stops the worker thread and returns the worker (parked state).
-    /// A handle on the host-side listener (when bound) for a new worker.
-    fn listener_for_worker(&self) -> std::io::Result<Option<UnixListener>> {
-        self.listener
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .map(UnixListener::try_clone)
-            .transpose()
-    }
-
     fn stop_worker(&self) -> Option<worker::Worker> {
         let running = self
             .running
@@ -265,18 +266,7 @@ impl VirtioDevice for VsockDevice {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        let listener = self.listener_for_worker().map_err(Error::EventFd)?;
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventFd)?);
-        let worker = worker::Worker::new(
-            self.cid,
-            self.uds_path.clone(),
-            self.memory.clone(),
-            queues,
-            listener,
-            stop,
-            self.counters.clone(),
-        )
-        .map_err(Error::EventFd)?;
+        let worker = self.new_worker(queues).map_err(Error::EventFd)?;
         self.spawn(worker)
     }
 
