@@ -357,6 +357,24 @@ pub fn storage(opts: &Options) -> Result<()> {
     };
     let card_sock = dir.join("card.sock");
     let qsd_sock = dir.join("qsd.sock");
+    // The volume behind a qsd throttle group at the limit the card's throttled rows use.
+    let qsd_throttled = || {
+        qsd(
+            vec![
+                "--object".into(),
+                format!("throttle-group,id=tg0,limits.iops-total={LIMIT}"),
+                "--blockdev".into(),
+                file_node(&store),
+                "--blockdev".into(),
+                raw_node.clone(),
+                "--blockdev".into(),
+                "driver=throttle,node-name=thr0,throttle-group=tg0,file=raw0".into(),
+                "--export".into(),
+                export("thr0", &qsd_sock),
+            ],
+            &qsd_sock,
+        )
+    };
     let key_s = s(&key);
     let limit_s = LIMIT.to_string();
 
@@ -415,21 +433,7 @@ pub fn storage(opts: &Options) -> Result<()> {
                     "bench",
                     &card_sock,
                 )?,
-                qsd(
-                    vec![
-                        "--object".into(),
-                        format!("throttle-group,id=tg0,limits.iops-total={LIMIT}"),
-                        "--blockdev".into(),
-                        file_node(&store),
-                        "--blockdev".into(),
-                        raw_node.clone(),
-                        "--blockdev".into(),
-                        "driver=throttle,node-name=thr0,throttle-group=tg0,file=raw0".into(),
-                        "--export".into(),
-                        export("thr0", &qsd_sock),
-                    ],
-                    &qsd_sock,
-                )?,
+                qsd_throttled()?,
             ),
         };
         for w in WORKLOADS
@@ -516,21 +520,7 @@ pub fn storage(opts: &Options) -> Result<()> {
         drop(client);
         server.stop()?;
         let late = dev.counters.snapshot().wake_late_max_ns as f64 / 1e6;
-        let qsd_b = qsd(
-            vec![
-                "--object".into(),
-                format!("throttle-group,id=tg0,limits.iops-total={LIMIT}"),
-                "--blockdev".into(),
-                file_node(&store),
-                "--blockdev".into(),
-                raw_node.clone(),
-                "--blockdev".into(),
-                "driver=throttle,node-name=thr0,throttle-group=tg0,file=raw0".into(),
-                "--export".into(),
-                export("thr0", &qsd_sock),
-            ],
-            &qsd_sock,
-        )?;
+        let qsd_b = qsd_throttled()?;
         let q = measure(&qsd_b, &sp)?;
         Ok((report_row(report), late, q))
     };
