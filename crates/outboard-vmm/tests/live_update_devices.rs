@@ -13,14 +13,13 @@ mod net_echo;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_fault, testguest, with_api, TIMEOUT};
-use live_update_shared::{alternate_build, have_qsd, live_update, pauses, version};
-use outboard_guest_harness::{kvm_available, wait_for_path, ApiClient, Daemon, GuestVm};
+use live_update_shared::{alternate_build, have_qsd, live_update, pauses, qsd_disk, version};
+use outboard_guest_harness::{kvm_available, ApiClient, Daemon, GuestVm};
 
 const DISK_BYTES: u64 = 32 << 20;
 
@@ -59,30 +58,7 @@ fn rig_on(test: &str, runner: outboard_guest_harness::Runner) -> Rig {
     let dir = common::temp_path(test, ".d");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.raw");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let disk_sock = dir.join("blk.sock");
-    let qsd = Daemon::spawn(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f0,filename={}",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues=1",
-                disk_sock.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("qsd.log")).unwrap()),
-    )
-    .unwrap();
-    assert!(wait_for_path(&disk_sock, Duration::from_secs(10)));
+    let (qsd, disk_sock) = qsd_disk(&dir, DISK_BYTES);
     let net_sock = dir.join("net.sock");
     let echo = Arc::new(net_echo::Echo::default());
     let _echo_thread = net_echo::serve(net_sock.clone(), echo.clone());

@@ -13,15 +13,12 @@ mod live_update_shared;
 mod net_echo;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{vmm, with_api, TIMEOUT};
-use live_update_shared::{alternate_build, have_qsd, live_update, pauses, version};
-use outboard_guest_harness::{
-    hardware_virtualization, kvm_available, wait_for_path, Daemon, GuestCommand, GuestVm,
-};
+use live_update_shared::{alternate_build, have_qsd, live_update, pauses, qsd_disk, version};
+use outboard_guest_harness::{hardware_virtualization, kvm_available, GuestCommand, GuestVm};
 
 const DISK_BYTES: u64 = 64 << 20;
 const UPDATES: usize = 10;
@@ -69,30 +66,7 @@ fn linux_heartbeat_survives_ten_live_updates_between_two_builds() {
     let dir = common::temp_path(TEST, ".d");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let image = dir.join("disk.raw");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(DISK_BYTES)
-        .unwrap();
-    let disk_sock = dir.join("blk.sock");
-    let _qsd = Daemon::spawn(
-        Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f0,filename={}",
-                image.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues=1",
-                disk_sock.display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("qsd.log")).unwrap()),
-    )
-    .unwrap();
-    assert!(wait_for_path(&disk_sock, Duration::from_secs(10)));
+    let (_qsd, disk_sock) = qsd_disk(&dir, DISK_BYTES);
     let net_sock = dir.join("net.sock");
     let echo = Arc::new(net_echo::Echo::default());
     let _echo_thread = net_echo::serve(net_sock.clone(), echo.clone());

@@ -1,12 +1,45 @@
 //! Helpers shared by the live-update tests (`live_update_devices.rs`, `live_update_linux.rs`):
-//! the second build, the API calls, qemu-storage-daemon's presence.
+//! the second build, the API calls, qemu-storage-daemon's presence and its disk.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use outboard_guest_harness::ApiClient;
+use std::time::Duration;
+
+use outboard_guest_harness::{wait_for_path, ApiClient, Daemon};
+
+/// qemu-storage-daemon exporting a fresh zero-filled `bytes`-byte raw image `<dir>/disk.raw`
+/// as a one-queue vhost-user-blk disk on `<dir>/blk.sock` (its log in `<dir>/qsd.log`);
+/// returns the daemon and the socket once it listens.
+pub fn qsd_disk(dir: &Path, bytes: u64) -> (Daemon, PathBuf) {
+    let image = dir.join("disk.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    let sock = dir.join("blk.sock");
+    let qsd = Daemon::spawn(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f0,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},\
+                 writable=on,num-queues=1",
+                sock.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("qsd.log")).unwrap()),
+    )
+    .unwrap();
+    assert!(wait_for_path(&sock, Duration::from_secs(10)));
+    (qsd, sock)
+}
 
 pub fn have_qsd(test: &str) -> bool {
     let found = Command::new("qemu-storage-daemon")
