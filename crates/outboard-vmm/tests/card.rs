@@ -25,9 +25,7 @@ struct Store {
 
 impl Store {
     fn new(test: &str, card: PathBuf) -> Self {
-        let dir = common::temp_path(test, ".d");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::fresh_dir(test);
         let s = Self { dir, card };
         File::create(s.path("store"))
             .unwrap()

@@ -44,9 +44,7 @@ impl Card {
     }
 
     fn serve(test: &str, card: &Path, store_mib: u64) -> Self {
-        let dir = common::temp_path(test, ".d");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = common::fresh_dir(test);
         let store = dir.join("store");
         std::fs::File::create(&store)
             .unwrap()

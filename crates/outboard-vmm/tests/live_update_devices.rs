@@ -55,9 +55,7 @@ fn rig(test: &str) -> Rig {
 
 /// [`rig`] with the VM started by `runner` (another build).
 fn rig_on(test: &str, runner: outboard_guest_harness::Runner) -> Rig {
-    let dir = common::temp_path(test, ".d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(test);
     let (qsd, disk_sock) = qsd_disk(&dir, DISK_BYTES);
     let net_sock = dir.join("net.sock");
     let echo = Arc::new(net_echo::Echo::default());
@@ -380,9 +378,7 @@ fn vsock_connections_survive_live_updates() {
     const BYTES: u64 = 500;
     let ours = PathBuf::from(env!("CARGO_BIN_EXE_outboard-vmm"));
     let alt = alternate_build(&format!("{}+alt", env!("CARGO_PKG_VERSION")));
-    let dir = common::temp_path(TEST, ".d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(TEST);
     let uds = dir.join("vm.vsock");
     let tally = uds_echo(PathBuf::from(format!("{}_1234", uds.display())));
     let (vm, api) = with_api(
@@ -469,9 +465,7 @@ fn a_snapshot_resets_vsock_connections_and_keeps_the_device() {
     if !kvm_available(TEST) {
         return;
     }
-    let dir = common::temp_path(TEST, ".d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(TEST);
     let uds = dir.join("vm.vsock");
     let tally = uds_echo(PathBuf::from(format!("{}_1234", uds.display())));
     let (old, api) = with_api(

@@ -63,9 +63,7 @@ fn linux_heartbeat_survives_ten_live_updates_between_two_builds() {
     let alt_version = format!("{}+alt", env!("CARGO_PKG_VERSION"));
     let alt = alternate_build(&alt_version);
 
-    let dir = common::temp_path(TEST, ".d");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::fresh_dir(TEST);
     let (_qsd, disk_sock) = qsd_disk(&dir, DISK_BYTES);
     let net_sock = dir.join("net.sock");
     let echo = Arc::new(net_echo::Echo::default());

@@ -33,6 +33,14 @@ pub fn card_binary(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// An empty per-test scratch directory (`temp_path(test, ".d")`, emptied if a run left it).
+pub fn fresh_dir(test: &str) -> PathBuf {
+    let dir = temp_path(test, ".d");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A per-test path in the temp directory.
 pub fn temp_path(test: &str, suffix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("obvmm-{}-{test}{suffix}", std::process::id()))
